@@ -1,0 +1,251 @@
+//! Volume operations on the cluster, in terms of RBD images: describe, list, create
+//! with metadata, and the in-use checks that guard removal. Runs on a blocking thread
+//! with a borrowed connection (see [`super::Cluster::run`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::ceph_err;
+use super::sys::{CreateSpec, Errno, ImageStat, Locker, Rados, Watcher};
+use crate::error::{Error, Result};
+
+/// Image-meta keys rbdvol owns all start with this.
+pub const META_PREFIX: &str = "rbdvol.";
+
+/// Everything Get needs to know about one image, read in a handful of calls.
+#[derive(Debug, Clone)]
+pub struct ImageFacts {
+    pub pool: String,
+    pub name: String,
+    pub stat: ImageStat,
+    /// rbdvol's metadata with the prefix stripped (`fstype`, `created-by`, ...).
+    pub meta: BTreeMap<String, String>,
+    /// Managed exclusive-lock owners (`client.N` and address).
+    pub lock_owners: Vec<Locker>,
+    pub watchers: Vec<Watcher>,
+    pub advisory_locks: Vec<Locker>,
+}
+
+impl ImageFacts {
+    /// Who holds the image, in words, if anyone does.
+    pub fn holder(&self) -> Option<String> {
+        let owner_host = self.meta.get("owner.host");
+        let since = self.meta.get("owner.since");
+        let mut parts = Vec::new();
+        if !self.lock_owners.is_empty() {
+            let who: Vec<String> = self
+                .lock_owners
+                .iter()
+                .map(|l| format!("{} at {}", l.client, l.addr))
+                .collect();
+            let mut s = format!("exclusive lock held by {}", who.join(", "));
+            if let Some(h) = owner_host {
+                s.push_str(&format!(" (host {h}"));
+                if let Some(t) = since {
+                    s.push_str(&format!(", since {t}"));
+                }
+                s.push(')');
+            }
+            parts.push(s);
+        }
+        if !self.advisory_locks.is_empty() {
+            let who: Vec<String> = self
+                .advisory_locks
+                .iter()
+                .map(|l| format!("{} at {} (cookie {:?})", l.client, l.addr, l.cookie))
+                .collect();
+            parts.push(format!(
+                "advisory lock by {}; remove it with `rbd lock rm` if its holder is gone",
+                who.join(", ")
+            ));
+        }
+        if parts.is_empty() && !self.watchers.is_empty() {
+            let who: Vec<String> = self
+                .watchers
+                .iter()
+                .map(|w| format!("client.{} at {}", w.id, w.addr))
+                .collect();
+            parts.push(format!(
+                "opened by {} (a crashed client's watch expires by itself within the cluster's watch timeout)",
+                who.join(", ")
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+fn is_enoent(e: &Errno) -> bool {
+    e.0 == libc::ENOENT
+}
+
+/// The pool holding `name`, searching `pools` in order; `None` if no pool has it.
+pub fn find_pool(rados: &Rados, pools: &[String], name: &str) -> Result<Option<String>> {
+    for pool in pools {
+        let io = match rados.pool(pool) {
+            Ok(io) => io,
+            Err(e) if is_enoent(&e) => continue,
+            Err(e) => return Err(ceph_err(format!("opening pool {pool}"), e)),
+        };
+        let opened = io.open_read_only(name).map(drop);
+        match opened {
+            Ok(()) => return Ok(Some(pool.clone())),
+            Err(e) if is_enoent(&e) => continue,
+            Err(e) => return Err(ceph_err(format!("opening image {pool}/{name}"), e)),
+        }
+    }
+    Ok(None)
+}
+
+/// Reads an image's facts; `None` if it does not exist. A read-only open registers no
+/// watch, so describing an image never shows up as "in use".
+pub fn describe(rados: &Rados, pool: &str, name: &str) -> Result<Option<ImageFacts>> {
+    let io = match rados.pool(pool) {
+        Ok(io) => io,
+        Err(e) if is_enoent(&e) => return Ok(None),
+        Err(e) => return Err(ceph_err(format!("opening pool {pool}"), e)),
+    };
+    let image = match io.open_read_only(name) {
+        Ok(i) => i,
+        Err(e) if is_enoent(&e) => return Ok(None),
+        Err(e) => return Err(ceph_err(format!("opening image {pool}/{name}"), e)),
+    };
+    let ctx = |what: &str| format!("{what} of {pool}/{name}");
+    let stat = image.stat().map_err(|e| ceph_err(ctx("stat"), e))?;
+    let meta = image
+        .metadata_with_prefix(META_PREFIX)
+        .map_err(|e| ceph_err(ctx("reading metadata"), e))?
+        .into_iter()
+        .map(|(k, v)| (k[META_PREFIX.len()..].to_string(), v))
+        .collect();
+    let (lock_owners, advisory_locks): (Vec<Locker>, Vec<Locker>) = image
+        .lockers()
+        .map_err(|e| ceph_err(ctx("listing locks"), e))?
+        .into_iter()
+        .partition(Locker::is_managed);
+    let watchers = image
+        .watchers()
+        .map_err(|e| ceph_err(ctx("listing watchers"), e))?;
+    Ok(Some(ImageFacts {
+        pool: pool.to_string(),
+        name: name.to_string(),
+        stat,
+        meta,
+        lock_owners,
+        watchers,
+        advisory_locks,
+    }))
+}
+
+/// All image names in `pool` (one directory listing); a missing pool lists as empty.
+pub fn list(rados: &Rados, pool: &str, hint: usize) -> Result<Vec<String>> {
+    let io = match rados.pool(pool) {
+        Ok(io) => io,
+        Err(e) if is_enoent(&e) => {
+            tracing::warn!(pool, "configured pool does not exist; listing it as empty");
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(ceph_err(format!("opening pool {pool}"), e)),
+    };
+    io.list_images(hint)
+        .map_err(|e| ceph_err(format!("listing pool {pool}"), e))
+}
+
+/// Outcome of [`create`].
+pub enum Created {
+    New,
+    AlreadyExists,
+}
+
+/// Creates the image and writes its metadata. If the metadata cannot be written the
+/// fresh, never-used image is deleted again, so a failed Create leaves nothing behind.
+pub fn create(
+    rados: &Rados,
+    pool: &str,
+    name: &str,
+    spec: &CreateSpec,
+    meta: &[(String, String)],
+) -> Result<Created> {
+    let io = rados
+        .pool(pool)
+        .map_err(|e| ceph_err(format!("opening pool {pool}"), e))?;
+    match io.create_image(name, spec) {
+        Ok(()) => {}
+        Err(e) if e.0 == libc::EEXIST => return Ok(Created::AlreadyExists),
+        Err(e) => return Err(ceph_err(format!("creating image {pool}/{name}"), e)),
+    }
+    let written = (|| -> std::result::Result<(), Errno> {
+        let image = io.open(name)?;
+        for (k, v) in meta {
+            image.metadata_set(&format!("{META_PREFIX}{k}"), v)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let undo = io.remove_image(name);
+        tracing::error!(pool, name, error = %e.describe(), undo = ?undo, "metadata write failed; removed the new image");
+        return Err(ceph_err(format!("writing metadata of {pool}/{name}"), e));
+    }
+    Ok(Created::New)
+}
+
+/// Sets (or with `None`, removes) rbdvol metadata keys on an image.
+pub fn set_meta(
+    rados: &Rados,
+    pool: &str,
+    name: &str,
+    pairs: &[(&str, Option<String>)],
+) -> Result<()> {
+    let io = rados
+        .pool(pool)
+        .map_err(|e| ceph_err(format!("opening pool {pool}"), e))?;
+    let image = io
+        .open(name)
+        .map_err(|e| ceph_err(format!("opening image {pool}/{name}"), e))?;
+    for (k, v) in pairs {
+        let key = format!("{META_PREFIX}{k}");
+        let r = match v {
+            Some(v) => image.metadata_set(&key, v),
+            None => image.metadata_remove(&key),
+        };
+        r.map_err(|e| ceph_err(format!("writing metadata {key} of {pool}/{name}"), e))?;
+    }
+    Ok(())
+}
+
+/// What Remove does once the image is known to be idle.
+#[derive(Debug, Clone, Copy)]
+pub enum Disposal {
+    Trash(Duration),
+    Delete,
+}
+
+/// Trashes or deletes an idle image. Refuses while anyone holds it; an image that is
+/// already gone counts as removed.
+pub fn remove(rados: &Rados, pool: &str, name: &str, how: Disposal) -> Result<()> {
+    let Some(facts) = describe(rados, pool, name)? else {
+        return Ok(());
+    };
+    if let Some(holder) = facts.holder() {
+        return Err(Error::InUse {
+            name: name.to_string(),
+            holder: format!("{holder}; it can be removed once it is unmounted everywhere"),
+        });
+    }
+    let io = rados
+        .pool(pool)
+        .map_err(|e| ceph_err(format!("opening pool {pool}"), e))?;
+    let r = match how {
+        Disposal::Trash(deferment) => io.trash_image(name, deferment),
+        Disposal::Delete => io.remove_image(name),
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if is_enoent(&e) => Ok(()),
+        // Someone opened it between the check and the removal: the cluster refused.
+        Err(e) if e.0 == libc::EBUSY => Err(Error::InUse {
+            name: name.to_string(),
+            holder: "it was opened by another client while being removed; try again once it is unmounted".into(),
+        }),
+        Err(e) => Err(ceph_err(format!("removing image {pool}/{name}"), e)),
+    }
+}

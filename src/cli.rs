@@ -1,0 +1,105 @@
+//! The command line: `rbdvol serve` and its flags. Flags override the config file and
+//! the environment; `rbdvol serve --help` documents each.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rbdvol",
+    version,
+    about = "Docker volume plugin for Ceph RBD: one host at a time, fenced takeover, data never wiped",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the plugin daemon: serve Docker's volume plugin protocol on a unix socket.
+    Serve(ServeArgs),
+    /// Print the configuration in effect (defaults < file < RBDVOL_* environment < flags).
+    ShowConfig(ServeArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Configuration file (TOML). Default: /etc/rbdvol/rbdvol.toml if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Unix socket to serve; dockerd finds NAME.sock in /run/docker/plugins.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// ceph.conf of the cluster.
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Keyring for the cephx user (default: from the ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub keyring: Option<PathBuf>,
+    /// cephx user without the "client." prefix, e.g. admin.
+    #[arg(long, value_name = "NAME")]
+    pub client_id: Option<String>,
+    /// Ceph cluster name.
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// Pool whose images are volumes; repeat for several (the first is the default).
+    #[arg(long = "pool", value_name = "POOL")]
+    pub pools: Vec<String>,
+    /// This host's stable identity in ownership records (default: hostname).
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Directory for the reference table and mapper state.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Root directory under which volumes are mounted.
+    #[arg(long, value_name = "DIR")]
+    pub mount_root: Option<PathBuf>,
+    /// Log filter, e.g. info or rbdvol=debug.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl ServeArgs {
+    /// Loads the configuration and applies these flags on top.
+    pub fn settings(&self) -> Result<Arc<Settings>> {
+        let mut s = Settings::load(self.config.as_deref())?;
+        macro_rules! set {
+            ($flag:expr, $field:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(self.socket, s.socket);
+        set!(self.ceph_conf, s.ceph.conf);
+        set!(self.client_id, s.ceph.client_id);
+        set!(self.cluster, s.ceph.cluster);
+        set!(self.host_id, s.host_id);
+        set!(self.state_dir, s.state_dir);
+        set!(self.mount_root, s.mount_root);
+        set!(self.log_level, s.log.level);
+        set!(self.log_format, s.log.format);
+        if self.keyring.is_some() {
+            s.ceph.keyring = self.keyring.clone();
+        }
+        if !self.pools.is_empty() {
+            s.ceph.pools = self.pools.clone();
+        }
+        for pool in &s.ceph.pools {
+            crate::driver::names::validate_pool(pool)
+                .map_err(|r| Error::Config(format!("pool {pool:?}: {r}")))?;
+        }
+        s.validate()?;
+        Ok(Arc::new(s))
+    }
+}

@@ -1,0 +1,245 @@
+//! Configuration: built-in defaults, then the TOML file, then `RBDVOL_*` environment
+//! variables, then command-line flags (each layer overrides the one before).
+//! `conf/rbdvol.toml` documents every key; keep the two in step.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/rbdvol/rbdvol.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Unix socket dockerd finds the plugin by (`NAME.sock` in /run/docker/plugins).
+    pub socket: PathBuf,
+    /// This host's stable name in ownership records and errors. Empty: the hostname.
+    pub host_id: String,
+    /// Where the reference table and exporter pid files live.
+    pub state_dir: PathBuf,
+    /// Root under which volumes are mounted: `<mount_root>/<pool>/<name>`.
+    pub mount_root: PathBuf,
+    pub log: LogSettings,
+    pub ceph: CephSettings,
+    pub volume: VolumeDefaults,
+    pub remove: RemoveSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// A tracing filter, e.g. "info" or "rbdvol=debug".
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CephSettings {
+    pub conf: PathBuf,
+    /// Empty: whatever the ceph.conf says (`keyring =`), else the default search path.
+    pub keyring: Option<PathBuf>,
+    /// The cephx user without the `client.` prefix.
+    pub client_id: String,
+    pub cluster: String,
+    /// Pools whose images are volumes. The first is where volumes go by default.
+    pub pools: Vec<String>,
+    /// Per-operation limit handed to librados (`rados_osd_op_timeout`, `rados_mon_op_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: Duration,
+    /// How long one connection attempt may take (`client_mount_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumeDefaults {
+    pub size: String,
+    pub fstype: String,
+    pub features: String,
+    pub mkfs_options: String,
+    pub mount_options: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemovePolicy {
+    /// Move the image to the RBD trash (recoverable with `rbd trash restore`).
+    Trash,
+    /// Delete the image and its data.
+    Delete,
+    /// Do nothing to the image; Docker forgets the volume, List shows it again.
+    Keep,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoveSettings {
+    pub policy: RemovePolicy,
+    /// How long a trashed image is protected from `rbd trash purge`.
+    #[serde(with = "humantime_serde")]
+    pub trash_deferment: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            socket: "/run/docker/plugins/rbdvol.sock".into(),
+            host_id: String::new(),
+            state_dir: "/var/lib/rbdvol/state".into(),
+            mount_root: "/var/lib/rbdvol/mounts".into(),
+            log: LogSettings::default(),
+            ceph: CephSettings::default(),
+            volume: VolumeDefaults::default(),
+            remove: RemoveSettings::default(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Default for CephSettings {
+    fn default() -> Self {
+        CephSettings {
+            conf: "/etc/ceph/ceph.conf".into(),
+            keyring: None,
+            client_id: "admin".into(),
+            cluster: "ceph".into(),
+            pools: vec!["rbd".into()],
+            op_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for VolumeDefaults {
+    fn default() -> Self {
+        VolumeDefaults {
+            size: "10G".into(),
+            fstype: "ext4".into(),
+            features: "layering,exclusive-lock".into(),
+            mkfs_options: String::new(),
+            mount_options: String::new(),
+        }
+    }
+}
+
+impl Default for RemoveSettings {
+    fn default() -> Self {
+        RemoveSettings {
+            policy: RemovePolicy::Trash,
+            trash_deferment: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (or the default file if it exists), then the
+    /// environment. An explicitly named file that is missing is an error.
+    pub fn load(file: Option<&Path>) -> Result<Settings> {
+        let mut builder = config::Config::builder();
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(Error::Config(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                builder = builder.add_source(config::File::from(path).required(true));
+            }
+            None => {
+                builder = builder
+                    .add_source(config::File::from(Path::new(DEFAULT_CONFIG_FILE)).required(false));
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("RBDVOL")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("ceph.pools")
+                .try_parsing(true),
+        );
+        let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+        let settings: Settings = built
+            .try_deserialize()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.ceph.pools.is_empty() {
+            return Err(Error::Config(
+                "ceph.pools is empty; name at least one pool, e.g. pools = [\"rbd\"]".into(),
+            ));
+        }
+        for dir in [&self.state_dir, &self.mount_root] {
+            if !dir.is_absolute() {
+                return Err(Error::Config(format!(
+                    "{} must be an absolute path",
+                    dir.display()
+                )));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(Error::Config(format!(
+                "log.format {:?}: use \"text\" or \"json\"",
+                self.log.format
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host id, defaulting to the hostname.
+    pub fn effective_host_id(&self) -> String {
+        if !self.host_id.is_empty() {
+            return self.host_id.clone();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown-host".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_config_file_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/rbdvol.toml");
+        let loaded = Settings::load(Some(&path)).expect("conf/rbdvol.toml must parse");
+        let defaults = Settings::default();
+        assert_eq!(format!("{loaded:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.toml");
+        std::fs::write(&path, "sockett = \"/x\"\n").unwrap();
+        let err = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_named_file_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/rbdvol.toml"))).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+}

@@ -1,0 +1,363 @@
+//! Test fixtures: a real `rbdvol serve` process per test "host", a client that speaks
+//! exactly like dockerd (raw HTTP/1.1 over the unix socket), and the `rbd` CLI for
+//! checking what really happened in the cluster.
+//!
+//! The cluster comes from `TEST_CEPH_CONF`, which `integration/test` sets after
+//! bringing up a throwaway cluster with `integration/ceph-up`.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn ceph_conf() -> PathBuf {
+    match std::env::var_os("TEST_CEPH_CONF") {
+        Some(p) => PathBuf::from(p),
+        None => panic!(
+            "TEST_CEPH_CONF is not set. Run the tests with `integration/test`, which brings up a throwaway Ceph cluster and sets it."
+        ),
+    }
+}
+
+/// A volume name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs the rbd CLI against the test cluster with a deadline; returns (ok, stdout+stderr).
+pub fn rbd(args: &[&str]) -> (bool, String) {
+    let conf = ceph_conf();
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", "rbd", "-c"])
+        .arg(&conf)
+        .args(args)
+        .output()
+        .expect("running rbd");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Image names in a pool, from the cluster itself.
+pub fn images_in(pool: &str) -> Vec<String> {
+    let (ok, out) = rbd(&["ls", "-p", pool]);
+    assert!(ok, "rbd ls -p {pool}: {out}");
+    let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+pub fn image_meta(pool: &str, name: &str, key: &str) -> Option<String> {
+    let (ok, out) = rbd(&["image-meta", "get", &format!("{pool}/{name}"), key]);
+    ok.then(|| out.trim_end_matches('\n').to_string())
+}
+
+pub fn trashed_names(pool: &str) -> Vec<String> {
+    let (ok, out) = rbd(&["trash", "ls", "-p", pool, "--format", "json"]);
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Options for a daemon instance ("host").
+#[derive(Clone)]
+pub struct DaemonOpts {
+    pub host_id: String,
+    pub pools: Vec<String>,
+    pub ceph_conf: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl DaemonOpts {
+    pub fn host(host_id: &str) -> DaemonOpts {
+        DaemonOpts {
+            host_id: host_id.to_string(),
+            pools: vec!["rbd".into(), "fast".into()],
+            ceph_conf: ceph_conf(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// A running `rbdvol serve`, stopped (by pid) when dropped.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    pub opts: DaemonOpts,
+}
+
+impl Daemon {
+    pub fn start(opts: DaemonOpts) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("rbdvol-t")
+            .tempdir()
+            .unwrap();
+        // tempdir is 0700, so the socket dir is not world-writable.
+        let socket = dir.path().join("rbdvol.sock");
+        let mut d = Daemon {
+            dir,
+            socket,
+            child: None,
+            opts,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn command(&self) -> Command {
+        self.command_on(&self.socket)
+    }
+
+    /// The daemon's command line, serving `socket` instead of its own.
+    pub fn command_on(&self, socket: &Path) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rbdvol"));
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--ceph-conf")
+            .arg(&self.opts.ceph_conf)
+            .arg("--host-id")
+            .arg(&self.opts.host_id)
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--mount-root")
+            .arg(self.dir.path().join("mounts"))
+            .arg("--log-level")
+            .arg("rbdvol=debug,info");
+        for p in &self.opts.pools {
+            cmd.arg("--pool").arg(p);
+        }
+        // Isolate from any config on the machine.
+        cmd.arg("--config").arg(self.dir.path().join("rbdvol.toml"));
+        std::fs::write(self.dir.path().join("rbdvol.toml"), "").unwrap();
+        for (k, v) in &self.opts.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting rbdvol");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("rbdvol exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "socket never appeared: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.spawn();
+    }
+
+    /// One request on a fresh connection, exactly as dockerd shapes it.
+    pub fn call(&self, endpoint: &str, body: &str) -> Value {
+        let mut c = self.connect();
+        let (status, v) = c.request(endpoint, body);
+        assert_eq!(
+            status,
+            200,
+            "{endpoint} {body}: status {status}, {v}\n{}",
+            self.log()
+        );
+        v
+    }
+
+    pub fn connect(&self) -> Conn {
+        Conn::open(&self.socket)
+    }
+
+    /// Asserts success (no Err) and returns the response.
+    pub fn ok(&self, endpoint: &str, body: &str) -> Value {
+        let v = self.call(endpoint, body);
+        assert!(
+            v.get("Err").is_none_or(|e| e.as_str() == Some("")),
+            "{endpoint} {body} failed: {v}"
+        );
+        v
+    }
+
+    /// Asserts an Err containing `needle` and returns its text.
+    pub fn err(&self, endpoint: &str, body: &str, needle: &str) -> String {
+        let v = self.call(endpoint, body);
+        let e = v["Err"].as_str().unwrap_or_default().to_string();
+        assert!(
+            e.contains(needle),
+            "{endpoint} {body}: expected an Err containing {needle:?}, got {v}"
+        );
+        e
+    }
+
+    pub fn create(&self, name: &str, opts: &str) {
+        self.ok(
+            "VolumeDriver.Create",
+            &format!("{{\"Name\":\"{name}\",\"Opts\":{opts}}}"),
+        );
+    }
+
+    pub fn get(&self, name: &str) -> Value {
+        self.call("VolumeDriver.Get", &format!("{{\"Name\":\"{name}\"}}"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection to the plugin socket.
+pub struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Conn {
+    pub fn open(socket: &Path) -> Conn {
+        let s = UnixStream::connect(socket).expect("connecting to the plugin socket");
+        s.set_read_timeout(Some(Duration::from_secs(150))).unwrap();
+        Conn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    /// Sends what dockerd sends: POST, Host plugin.moby.localhost, the v1.2 Accept
+    /// header, no Content-Type, compact JSON plus a trailing newline (Activate: empty).
+    pub fn send(&mut self, endpoint: &str, body: &str) {
+        let body = if body.is_empty() {
+            String::new()
+        } else {
+            format!("{body}\n")
+        };
+        let req = format!(
+            "POST /{endpoint} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: {}\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n\r\n{body}",
+            body.len()
+        );
+        self.writer.write_all(req.as_bytes()).unwrap();
+    }
+
+    /// Sends raw bytes, ignoring a server that stops reading early (it may answer a
+    /// request before the body is complete, e.g. 413 for an oversized body).
+    pub fn send_raw_lenient(&mut self, bytes: &[u8]) {
+        let _ = self.writer.write_all(bytes);
+    }
+
+    /// Reads one response: (status, JSON body). Panics if the plugin closed the connection.
+    pub fn receive(&mut self) -> (u16, Value) {
+        self.try_receive()
+            .expect("the plugin closed the connection without answering")
+    }
+
+    /// Like `receive`, but `None` when the connection was closed unanswered.
+    pub fn try_receive(&mut self) -> Option<(u16, Value)> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            self.reader.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body).unwrap();
+        let v = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!(
+                "response is not JSON ({e}): {}",
+                String::from_utf8_lossy(&body)
+            )
+        });
+        Some((status, v))
+    }
+
+    pub fn request(&mut self, endpoint: &str, body: &str) -> (u16, Value) {
+        self.send(endpoint, body);
+        self.receive()
+    }
+
+    pub fn raw(&mut self) -> &mut UnixStream {
+        &mut self.writer
+    }
+}
