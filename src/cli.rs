@@ -27,6 +27,26 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the configuration in effect (defaults < file < RBDVOL_* environment < flags).
     ShowConfig(ServeArgs),
+    /// Operator commands for volume ownership across hosts.
+    #[command(subcommand)]
+    Lock(LockCommand),
+    /// Serve one RBD image as a file through FUSE, holding its exclusive lock. The
+    /// daemon starts one of these per mapped volume (userspace mapper); not for humans.
+    Export(crate::host::exporter::ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// List who holds which volume (exclusive locks, with the owner's host, and advisory locks).
+    Ls(ServeArgs),
+    /// Take a volume away from the host holding it: blocklist (fence) that host's client
+    /// for this volume, then break its lock. For a host that is alive but cut off.
+    Break {
+        /// The volume to free.
+        volume: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -61,6 +81,9 @@ pub struct ServeArgs {
     /// Root directory under which volumes are mounted.
     #[arg(long, value_name = "DIR")]
     pub mount_root: Option<PathBuf>,
+    /// Mapper: auto, krbd, nbd or userspace.
+    #[arg(long, value_name = "KIND")]
+    pub mapper: Option<String>,
     /// Log filter, e.g. info or rbdvol=debug.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -87,6 +110,7 @@ impl ServeArgs {
         set!(self.host_id, s.host_id);
         set!(self.state_dir, s.state_dir);
         set!(self.mount_root, s.mount_root);
+        set!(self.mapper, s.map.mapper);
         set!(self.log_level, s.log.level);
         set!(self.log_format, s.log.format);
         if self.keyring.is_some() {

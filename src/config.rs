@@ -26,6 +26,8 @@ pub struct Settings {
     pub ceph: CephSettings,
     pub volume: VolumeDefaults,
     pub remove: RemoveSettings,
+    pub map: MapSettings,
+    pub lock: LockSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +68,39 @@ pub struct VolumeDefaults {
     pub mount_options: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapSettings {
+    /// "auto" (krbd if the kernel has it, else nbd, else userspace), "krbd", "nbd" or
+    /// "userspace".
+    pub mapper: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LockSettings {
+    /// How long a Mount waits for another host to release the volume or be declared
+    /// dead (and fenced). Keep it inside Docker's 2-minute Mount limit.
+    #[serde(with = "humantime_serde")]
+    pub takeover_wait: Duration,
+}
+
+impl Default for MapSettings {
+    fn default() -> Self {
+        MapSettings {
+            mapper: "auto".into(),
+        }
+    }
+}
+
+impl Default for LockSettings {
+    fn default() -> Self {
+        LockSettings {
+            takeover_wait: Duration::from_secs(60),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RemovePolicy {
@@ -97,6 +132,8 @@ impl Default for Settings {
             ceph: CephSettings::default(),
             volume: VolumeDefaults::default(),
             remove: RemoveSettings::default(),
+            map: MapSettings::default(),
+            lock: LockSettings::default(),
         }
     }
 }
@@ -158,15 +195,27 @@ impl Settings {
                         path.display()
                     )));
                 }
-                builder = builder.add_source(config::File::from(path).required(true));
+                builder = builder.add_source(
+                    config::File::from(path)
+                        .format(config::FileFormat::Toml)
+                        .required(true),
+                );
             }
             None => {
-                builder = builder
-                    .add_source(config::File::from(Path::new(DEFAULT_CONFIG_FILE)).required(false));
+                builder = builder.add_source(
+                    config::File::from(Path::new(DEFAULT_CONFIG_FILE))
+                        .format(config::FileFormat::Toml)
+                        .required(false),
+                );
             }
         }
+        // RBDVOL_CRASH_AT is a test hook (see `failpoint`), not a setting.
+        let env: std::collections::HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k != "RBDVOL_CRASH_AT")
+            .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("RBDVOL")
+                .source(Some(env))
                 .prefix_separator("_")
                 .separator("__")
                 .list_separator(",")
@@ -194,6 +243,21 @@ impl Settings {
                     dir.display()
                 )));
             }
+        }
+        if !matches!(
+            self.map.mapper.as_str(),
+            "auto" | "krbd" | "nbd" | "userspace"
+        ) {
+            return Err(Error::Config(format!(
+                "map.mapper {:?}: use \"auto\", \"krbd\", \"nbd\" or \"userspace\"",
+                self.map.mapper
+            )));
+        }
+        if self.lock.takeover_wait > Duration::from_secs(100) {
+            return Err(Error::Config(
+                "lock.takeover_wait must stay under 100s: Docker abandons a Mount after 2 minutes"
+                    .into(),
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(Error::Config(format!(

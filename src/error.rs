@@ -38,6 +38,10 @@ pub enum Error {
     #[error("volume {name} is in use: {holder}")]
     InUse { name: String, holder: String },
 
+    /// Another host holds the volume; the text names it and says what happens next.
+    #[error("{0}")]
+    HeldElsewhere(String),
+
     /// A librados/librbd call failed.
     #[error("ceph {op} failed: {detail}")]
     Ceph {

@@ -3,6 +3,8 @@
 //! Layers, top to bottom (data flows one way):
 //! - [`api`]: Docker's plugin protocol over HTTP on a unix socket.
 //! - [`driver`]: the volume lifecycle (create, inspect, list, remove, mount) and policy.
+//! - [`lock`]: ownership across hosts: who holds a volume, breaking a lock.
+//! - [`host`]: effects on this machine: commands, mapping, mkfs, mount.
 //! - [`ceph`]: the cluster connection, librbd calls, and the one `unsafe` module.
 //!
 //! [`config`], [`error`] and [`units`] are shared by all layers.
@@ -13,4 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod failpoint;
+pub mod host;
+pub mod lock;
 pub mod units;

@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use rbdvol::api;
 use rbdvol::ceph::{self, Cluster};
-use rbdvol::cli::{Cli, Command, ServeArgs};
+use rbdvol::cli::{Cli, Command, LockCommand, ServeArgs};
 use rbdvol::config::Settings;
 use rbdvol::driver::Driver;
 use rbdvol::error::Result;
@@ -54,12 +54,23 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let _remove_socket_on_exit = api::SocketGuard(settings.socket.clone());
 
     let cluster = Arc::new(Cluster::new(ceph::connect_spec(&settings.ceph)));
-    let driver = Arc::new(Driver::new(settings.clone(), cluster.clone()));
+    let driver = Arc::new(Driver::new(settings.clone(), cluster.clone())?);
+    tracing::info!(mapper = driver.mapper().name(), "data path");
+    // Before answering Docker: adopt or release what a crash or restart left behind.
+    driver.reconcile().await;
     // Connect in the background so the first request usually finds a live connection.
     let warm = cluster.clone();
     tokio::spawn(async move {
         if let Err(e) = warm.connection(rbdvol::driver::SHORT_DEADLINE).await {
             tracing::warn!(error = %e, "initial connection to the cluster failed; retrying on the next request");
+        }
+    });
+    let watcher = driver.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            watcher.check_fencing(None).await;
         }
     });
     tracing::info!(socket = %settings.socket.display(), "serving");
@@ -68,15 +79,58 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `rbdvol lock ls|break`: operator commands on their own cluster connection.
+fn lock_command(cmd: &LockCommand) -> Result<()> {
+    let args = match cmd {
+        LockCommand::Ls(a) | LockCommand::Break { args: a, .. } => a,
+    };
+    let settings = args.settings()?;
+    let rados =
+        ceph::sys::Rados::connect(&ceph::connect_spec(&settings.ceph)).map_err(|(step, e)| {
+            rbdvol::error::Error::Unavailable(format!("{step}: {}", e.describe()))
+        })?;
+    match cmd {
+        LockCommand::Ls(_) => {
+            let rows = rbdvol::lock::list(&rados, &settings.ceph.pools)?;
+            println!("{:<10} {:<32} {:<10} HOLDER", "POOL", "VOLUME", "LOCK");
+            for r in &rows {
+                println!(
+                    "{:<10} {:<32} {:<10} {}",
+                    r.pool, r.volume, r.kind, r.holder
+                );
+            }
+            if rows.is_empty() {
+                println!("(no volume is locked)");
+            }
+        }
+        LockCommand::Break { volume, .. } => {
+            rbdvol::driver::names::validate(volume)?;
+            println!(
+                "{}",
+                rbdvol::lock::break_lock(&rados, &settings.ceph.pools, volume)?
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::ShowConfig(args) => args.settings().map(|s| println!("{s:#?}")),
+        Command::Export(args) => rbdvol::host::exporter::run(args),
+        Command::Lock(cmd) => lock_command(cmd),
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(|e| rbdvol::error::Error::io("starting the runtime", e))
-            .and_then(|rt| rt.block_on(serve(args))),
+            .and_then(|rt| {
+                let result = rt.block_on(serve(args));
+                // A librados call stuck on a dead cluster must not hold up the exit;
+                // its own timeouts end it, and nothing it does matters any more.
+                rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                result
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

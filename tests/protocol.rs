@@ -388,16 +388,16 @@ fn remove_policy_delete_and_keep() {
 }
 
 #[test]
-fn mount_says_mapping_is_unavailable_and_unknown_unmount_succeeds() {
+fn mount_of_a_missing_volume_fails_and_unknown_unmount_succeeds() {
     let d = daemon();
-    let name = unique("nomap");
-    d.create(&name, r#"{"size":"64M"}"#);
+    let name = unique("absent");
     let id = "a".repeat(64);
     d.err(
         "VolumeDriver.Mount",
         &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
-        "not available",
+        "does not exist",
     );
+    assert!(d.leftovers().is_empty());
     d.ok(
         "VolumeDriver.Unmount",
         &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),

@@ -740,6 +740,109 @@ fn split_nul_list(bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
+// ---------------------------------------------------------------------------------------
+// Long-lived image handles for the userspace mapper (`rbdvol export`): one image served
+// by several FUSE worker threads for as long as it is mapped.
+
+#[link(name = "rbd")]
+extern "C" {
+    fn rbd_write_zeroes(
+        image: RbdImage,
+        ofs: u64,
+        len: usize,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> isize;
+}
+
+// SAFETY: a librbd image handle is safe to use from several threads at once (ImageCtx
+// locks internally; rbd-nbd and qemu share one handle between I/O threads). Only
+// rbd_close must not race other calls, and it runs in Drop, which needs ownership.
+unsafe impl Send for Image<'_> {}
+unsafe impl Sync for Image<'_> {}
+
+impl Image<'_> {
+    /// Zeroes a range and deallocates whole objects inside it. Unlike [`Image::discard`],
+    /// which skips unaligned edges smaller than `rbd_discard_granularity_bytes`, the
+    /// whole range reads back as zeroes afterwards (hole-punch semantics).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let len = usize::try_from(len).map_err(|_| Errno(libc::EINVAL))?;
+        // SAFETY: valid handle; no buffers involved.
+        let rc = unsafe { rbd_write_zeroes(self.handle, offset, len, 0, 0) };
+        if rc < 0 {
+            Err(Errno(-rc as i32))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// An image opened read-write that owns its pool context and shares ownership of its
+/// connection, so it is `'static` and can be shared between threads (an
+/// `Arc<OwnedImage>`). Dropping it closes the image, then the pool context; the
+/// connection shuts down when its last `Arc` goes.
+pub struct OwnedImage {
+    // Fields drop in declaration order: rbd_close, then the pool context, then the
+    // connection (if this was its last user).
+    image: Image<'static>,
+    _io: IoCtxGuard,
+    _rados: std::sync::Arc<Rados>,
+}
+
+/// A pool context owned outright (no borrow of its `Rados`), destroyed on drop.
+struct IoCtxGuard(rados_ioctx_t);
+
+// SAFETY: the pool context is only used to open the image (librbd duplicates it) and
+// to be destroyed on drop, so it is never used from two threads at once.
+unsafe impl Send for IoCtxGuard {}
+unsafe impl Sync for IoCtxGuard {}
+
+impl Drop for IoCtxGuard {
+    fn drop(&mut self) {
+        // SAFETY: created by rados_ioctx_create; the image using it is already closed.
+        unsafe { rados::rados_ioctx_destroy(self.0) };
+    }
+}
+
+impl OwnedImage {
+    pub fn open(rados: std::sync::Arc<Rados>, pool: &str, name: &str) -> Result<OwnedImage> {
+        let p = cstr(pool)?;
+        let n = cstr(name)?;
+        let mut io: rados_ioctx_t = ptr::null_mut();
+        // SAFETY: valid connected handle, string and out-pointer.
+        check(unsafe { rados::rados_ioctx_create(rados.handle, p.as_ptr(), &mut io) })?;
+        let io = IoCtxGuard(io);
+        let mut handle: RbdImage = ptr::null_mut();
+        // SAFETY: valid io context, string and out-pointer; NULL snap = head.
+        check(unsafe { rbd_open(io.0, n.as_ptr(), &mut handle, ptr::null()) })?;
+        Ok(OwnedImage {
+            // The lifetime is nominal: this struct keeps the pool context and the
+            // connection alive for as long as the image.
+            image: Image {
+                handle,
+                _pool: std::marker::PhantomData,
+            },
+            _io: io,
+            _rados: rados,
+        })
+    }
+}
+
+impl std::ops::Deref for OwnedImage {
+    type Target = Image<'static>;
+
+    fn deref(&self) -> &Image<'static> {
+        &self.image
+    }
+}
+
+/// Ends the process at once, without atexit handlers or C++ static destructors: those
+/// can hang or crash while another thread is still blocked inside librados/librbd.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions; it does not return.
+    unsafe { libc::_exit(code) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

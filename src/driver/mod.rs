@@ -3,11 +3,13 @@
 //! input, applies defaults and policy, and keeps a small cache so Get can still answer
 //! for known volumes while the cluster is unreachable.
 
+pub mod attach;
 pub mod names;
 pub mod options;
+pub mod refs;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -18,8 +20,15 @@ use crate::ceph::images::{self, Created, Disposal, ImageFacts};
 use crate::ceph::Cluster;
 use crate::config::{RemovePolicy, Settings};
 use crate::error::{Error, Result};
+use crate::host::exporter_proc::Exporters;
+use crate::host::mapper::{self, Health, MapperKind};
 use crate::units::format_size;
+use attach::{Attacher, Mappers};
 use options::{features_to_names, VolumeOptions};
+use refs::{ActiveVolume, RefTable};
+
+/// dockerd's pid file: identifies the dockerd instance behind each mount ID.
+const DOCKERD_PID_FILE: &str = "/var/run/docker.pid";
 
 /// Docker gives Create and Mount 2 minutes, everything else 1 minute; stay inside.
 pub const LONG_DEADLINE: Duration = Duration::from_secs(100);
@@ -44,19 +53,78 @@ pub struct Driver {
     name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Size of the last listing, so the next one allocates once.
     list_hint: AtomicUsize,
+    attacher: Attacher,
+    /// Volumes mounted on this host. Never held across an await.
+    table: Mutex<RefTable>,
 }
 
 impl Driver {
-    pub fn new(settings: Arc<Settings>, cluster: Arc<Cluster>) -> Driver {
+    pub fn new(settings: Arc<Settings>, cluster: Arc<Cluster>) -> Result<Driver> {
         let host_id = settings.effective_host_id();
-        Driver {
+        let chosen = match settings.map.mapper.as_str() {
+            "krbd" => MapperKind::Krbd,
+            "nbd" => MapperKind::Nbd,
+            "userspace" => MapperKind::Userspace,
+            _ => {
+                let (kind, why) = mapper::detect();
+                tracing::info!(mapper = kind.name(), reason = %why, "mapper chosen automatically");
+                kind
+            }
+        };
+        let exe =
+            std::env::current_exe().map_err(|e| Error::io("locating the rbdvol binary", e))?;
+        let exporters = Exporters {
+            exe,
+            ceph: settings.ceph.clone(),
+            dir: settings.state_dir.join("exports"),
+        };
+        let table = RefTable::load(&settings.state_dir.join("refs.json"))?;
+        let attacher = Attacher {
+            mappers: Mappers::new(chosen, settings.ceph.clone(), exporters),
+            cluster: cluster.clone(),
+            mount_root: settings.mount_root.clone(),
+            host_id: host_id.clone(),
+            takeover_wait: settings.lock.takeover_wait,
+        };
+        Ok(Driver {
             settings,
             cluster,
             host_id,
             known: Mutex::new(HashMap::new()),
             name_locks: Mutex::new(HashMap::new()),
             list_hint: AtomicUsize::new(1024),
-        }
+            attacher,
+            table: Mutex::new(table),
+        })
+    }
+
+    pub fn mapper(&self) -> MapperKind {
+        self.attacher.mappers.chosen
+    }
+
+    /// Reconciles the reference table with what this host really has mounted and
+    /// mapped. Run once at start, before serving.
+    pub async fn reconcile(&self) {
+        let mut table = {
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            let empty = t.empty_like();
+            std::mem::replace(&mut *t, empty)
+        };
+        self.attacher.reconcile(&mut table).await;
+        *self.table.lock().unwrap_or_else(|e| e.into_inner()) = table;
+    }
+
+    fn active(&self, name: &str) -> Option<ActiveVolume> {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.volumes.get(name).cloned()
+    }
+
+    /// Applies `f` to the table and saves it.
+    fn update_table<T>(&self, f: impl FnOnce(&mut RefTable) -> T) -> Result<T> {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut t);
+        t.save()?;
+        Ok(out)
     }
 
     pub fn host_id(&self) -> &str {
@@ -188,8 +256,44 @@ impl Driver {
         })
     }
 
+    /// Notices volumes this host lost (its mapper was fenced: blocklisted, lock
+    /// broken), marks them, and says so loudly. Fenced volumes refuse new Mounts until
+    /// their last Unmount. Runs periodically and before answering Get.
+    pub async fn check_fencing(&self, only: Option<&str>) {
+        let candidates: Vec<(String, ActiveVolume)> = {
+            let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            t.volumes
+                .iter()
+                .filter(|(n, v)| !v.fenced && only.is_none_or(|o| o == n.as_str()))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect()
+        };
+        for (name, v) in candidates {
+            let req = self.attacher.request_for(&name, &v);
+            let health = self
+                .attacher
+                .mappers
+                .get(v.mapping.kind)
+                .health(&req, &v.mapping)
+                .await;
+            if health == Health::Fenced {
+                tracing::error!(
+                    volume = %name,
+                    mountpoint = %v.mountpoint.display(),
+                    "FENCED: this host lost the volume's lock (another host or an operator took it over). Its filesystem here now fails every write; stop the containers using it on this host"
+                );
+                let _ = self.update_table(|t| {
+                    if let Some(rec) = t.volumes.get_mut(&name) {
+                        rec.fenced = true;
+                    }
+                });
+            }
+        }
+    }
+
     pub async fn get(&self, name: &str) -> Result<VolumeView> {
         names::validate(name)?;
+        self.check_fencing(Some(name)).await;
         match self.lookup(name).await {
             Ok(Some(facts)) => {
                 self.remember(&facts);
@@ -250,9 +354,23 @@ impl Driver {
                 )),
             );
         }
+        let active = self.active(&f.name);
+        if let Some(a) = &active {
+            status.insert(
+                "mounted_here".into(),
+                json!({
+                    "mountpoint": a.mountpoint,
+                    "device": a.mapping.device,
+                    "mapper": a.mapping.kind.name(),
+                    "container_mounts": a.total_refs(),
+                    "since": a.since,
+                    "fenced": a.fenced,
+                }),
+            );
+        }
         VolumeView {
             name: f.name.clone(),
-            mountpoint: None,
+            mountpoint: active.map(|a| a.mountpoint),
             created_at: f.meta.get("created-at").cloned().or_else(|| {
                 f.stat
                     .created
@@ -277,10 +395,14 @@ impl Driver {
             })
             .await?;
         self.list_hint.store(names.len() + 64, Ordering::Relaxed);
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         Ok(names
             .into_iter()
             .filter(|n| names::validate(n).is_ok())
-            .map(|n| (n, None))
+            .map(|n| {
+                let mp = t.volumes.get(&n).map(|a| a.mountpoint.clone());
+                (n, mp)
+            })
             .collect())
     }
 
@@ -288,6 +410,16 @@ impl Driver {
         names::validate(name)?;
         let lock = self.name_lock(name);
         let _serialised = lock.lock().await;
+        if let Some(a) = self.active(name) {
+            return Err(Error::InUse {
+                name: name.to_string(),
+                holder: format!(
+                    "mounted on this host ({}) by {} container mount(s); stop those containers first",
+                    self.host_id,
+                    a.total_refs()
+                ),
+            });
+        }
         let disposal = match self.settings.remove.policy {
             RemovePolicy::Keep => {
                 tracing::info!(
@@ -318,19 +450,148 @@ impl Driver {
 
     pub async fn path(&self, name: &str) -> Result<Option<PathBuf>> {
         names::validate(name)?;
-        Ok(None)
+        Ok(self.active(name).map(|a| a.mountpoint))
     }
 
-    pub async fn mount(&self, name: &str, _id: &str) -> Result<PathBuf> {
-        names::validate(name)?;
-        Err(Error::NotSupported(format!(
-            "volume {name} cannot be mounted: mapping RBD images is not available in this build of rbdvol yet; the volume itself is intact"
-        )))
+    fn fenced_error(&self, name: &str) -> Error {
+        Error::InUse {
+            name: name.to_string(),
+            holder: format!(
+                "this host ({}) lost the volume's lock: another host took it over and this host was fenced. It stays unavailable here until the containers using it on this host stop",
+                self.host_id
+            ),
+        }
     }
 
-    pub async fn unmount(&self, name: &str, _id: &str) -> Result<()> {
+    /// Mounts the volume for Docker mount `id`: map + format-if-blank + mount on the
+    /// first reference, a counter increment after that.
+    pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         names::validate(name)?;
-        // Nothing is ever mounted by this build, so every ID is unknown: success.
+        let lock = self.name_lock(name);
+        let _serialised = lock.lock().await;
+        let dockerd = refs::dockerd_instance(Path::new(DOCKERD_PID_FILE));
+        let mut carried = BTreeMap::new();
+        if let Some(v) = self.active(name) {
+            if v.fenced {
+                return Err(self.fenced_error(name));
+            }
+            match self.attacher.health(name, &v).await {
+                Health::Serving => {
+                    let mp = v.mountpoint.clone();
+                    let total = self.update_table(|t| {
+                        let rec = t
+                            .volumes
+                            .get_mut(name)
+                            .expect("record under the volume lock");
+                        rec.add_ref(id, dockerd.as_deref());
+                        rec.total_refs()
+                    })?;
+                    tracing::info!(
+                        volume = name,
+                        id,
+                        refs = total,
+                        "mount: already mounted here; counted another reference"
+                    );
+                    return Ok(mp);
+                }
+                Health::Fenced => {
+                    self.update_table(|t| {
+                        if let Some(rec) = t.volumes.get_mut(name) {
+                            rec.fenced = true;
+                        }
+                    })?;
+                    tracing::error!(volume = name, "mount: this host was fenced from the volume");
+                    return Err(self.fenced_error(name));
+                }
+                Health::Gone => {
+                    tracing::warn!(
+                        volume = name,
+                        "mount: the recorded mount is gone; mounting again"
+                    );
+                    let _ = self.attacher.detach(name, &v).await;
+                    carried = v.refs.clone();
+                    self.update_table(|t| t.volumes.remove(name))?;
+                }
+            }
+        }
+        let facts = self
+            .lookup(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        self.remember(&facts);
+        let started = std::time::Instant::now();
+        let mut active = match self.attacher.attach(&facts).await {
+            Ok(a) => a,
+            Err(e) => return Err(self.explain_mount_failure(name, e, started.elapsed()).await),
+        };
+        active.refs = carried;
+        active.add_ref(id, dockerd.as_deref());
+        let mp = active.mountpoint.clone();
+        if let Err(e) = self.update_table(|t| t.volumes.insert(name.to_string(), active.clone())) {
+            let _ = self.attacher.detach(name, &active).await;
+            self.update_table(|t| t.volumes.remove(name)).ok();
+            return Err(e);
+        }
+        Ok(mp)
+    }
+
+    /// A Mount that failed while another host holds the volume says who holds it and
+    /// what happens next, rather than the mapper's low-level error.
+    async fn explain_mount_failure(
+        &self,
+        name: &str,
+        e: Error,
+        waited: std::time::Duration,
+    ) -> Error {
+        let Ok(Some(facts)) = self.lookup(name).await else {
+            return e;
+        };
+        let owners = crate::lock::owners(&facts);
+        if owners.is_empty() {
+            return e;
+        }
+        tracing::warn!(volume = name, error = %e, "mount refused: the volume is held elsewhere");
+        Error::HeldElsewhere(crate::lock::in_use_message(name, &owners, waited))
+    }
+
+    /// Drops Docker mount `id`'s reference; the last one unmounts and unmaps. An
+    /// unknown ID succeeds (Docker retries nothing and may repeat itself).
+    pub async fn unmount(&self, name: &str, id: &str) -> Result<()> {
+        names::validate(name)?;
+        let lock = self.name_lock(name);
+        let _serialised = lock.lock().await;
+        let Some(_) = self.active(name) else {
+            tracing::info!(volume = name, id, "unmount: volume is not mounted here");
+            return Ok(());
+        };
+        let (known, remaining, record) = self.update_table(|t| {
+            let rec = t
+                .volumes
+                .get_mut(name)
+                .expect("record under the volume lock");
+            let known = rec.drop_ref(id);
+            (known, rec.total_refs(), rec.clone())
+        })?;
+        if !known {
+            tracing::info!(
+                volume = name,
+                id,
+                "unmount: unknown mount ID; nothing to do"
+            );
+        }
+        if remaining > 0 {
+            tracing::info!(
+                volume = name,
+                id,
+                refs = remaining,
+                "unmount: still referenced"
+            );
+            return Ok(());
+        }
+        // Last reference: the record (with no references) stays until the teardown
+        // succeeds, so a crash or a busy filesystem is retried, not forgotten.
+        self.attacher.detach(name, &record).await?;
+        self.update_table(|t| t.volumes.remove(name))?;
         Ok(())
     }
 }

@@ -182,6 +182,8 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The socket is bound before start-up reconciling; the first answer comes after.
+        self.ok("Plugin.Activate", "");
     }
 
     pub fn pid(&self) -> u32 {
@@ -269,12 +271,191 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn mount_root(&self) -> PathBuf {
+        self.dir.path().join("mounts")
+    }
+
+    /// Mount as dockerd does; returns the Mountpoint.
+    pub fn mount(&self, name: &str, id: &str) -> PathBuf {
+        let v = self.ok(
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
+        );
+        PathBuf::from(v["Mountpoint"].as_str().expect("Mountpoint"))
+    }
+
+    pub fn unmount(&self, name: &str, id: &str) {
+        self.ok(
+            "VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
+        );
+    }
+
+    /// One request whose answer may never come (the daemon is expected to die).
+    pub fn call_expecting_crash(&mut self, endpoint: &str, body: &str) {
+        let mut c = self.connect();
+        c.send(endpoint, body);
+        assert!(
+            c.try_receive().is_none(),
+            "{endpoint} answered, but the daemon should have crashed"
+        );
+        let mut child = self.child.take().expect("daemon running");
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the daemon exited cleanly instead of crashing"
+        );
+    }
+
+    /// Starts the daemon again with `env` replacing any earlier value of the same keys.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        for (k, v) in env {
+            self.opts.env.retain(|(key, _)| key != k);
+            if !v.is_empty() {
+                self.opts.env.push((k.to_string(), v.to_string()));
+            }
+        }
+        self.restart();
+    }
+
+    /// What this "host" still has: mounts under its dir, loop devices on its files,
+    /// exporter processes. Empty when nothing leaked.
+    pub fn leftovers(&self) -> Vec<String> {
+        let root = self.dir.path();
+        let mut out: Vec<String> = mounts_under(root)
+            .into_iter()
+            .map(|m| format!("mount {m}"))
+            .collect();
+        out.extend(loops_under(root).into_iter().map(|l| format!("loop {l}")));
+        let daemon = self.child.as_ref().map(|c| c.id());
+        out.extend(
+            processes_mentioning(root)
+                .into_iter()
+                .filter(|p| Some(*p) != daemon)
+                .map(|p| format!("process {p}: {}", cmdline(p))),
+        );
+        out
+    }
+
+    /// Tears down whatever this host left behind (tests must not leak into each other).
+    fn clean_host(&self) {
+        let root = self.dir.path();
+        // Filesystems on the loop devices, then the loop devices (while their FUSE
+        // backing files still resolve), then the exporters and their FUSE mounts.
+        for m in mounts_under(root).into_iter().rev() {
+            if !m.contains("/state/exports/") {
+                let _ = Command::new("umount").arg(&m).status();
+            }
+        }
+        for l in loops_under(root) {
+            let _ = Command::new("losetup").arg("-d").arg(&l).status();
+        }
+        for pid in processes_mentioning(root) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for m in mounts_under(root).into_iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
             self.stop();
         }
+        self.clean_host();
     }
+}
+
+/// Mount points at or below `dir`, from this process's mount table.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let d = dir.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4).map(|s| s.replace("\\040", " ")))
+        .filter(|t| t.starts_with(d.as_ref()))
+        .collect()
+}
+
+pub fn is_mountpoint(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    mounts_under(path).iter().any(|m| *m == p)
+}
+
+/// Loop devices whose backing file lies below `dir`.
+pub fn loops_under(dir: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .args(["--list", "--json", "-O", "NAME,BACK-FILE"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let d = dir.to_string_lossy();
+    v["loopdevices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["back-file"]
+                .as_str()
+                .is_some_and(|f| f.starts_with(d.as_ref()))
+        })
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Live processes whose command line mentions `dir` (exporters of that host).
+pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
+    let d = dir.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&d)
+            && !stat.contains(") Z ")
+            && pid != std::process::id()
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}
+
+/// Holders of any lock on the image (managed or advisory), as `rbd lock ls` reports.
+pub fn lock_holders(pool: &str, name: &str) -> Vec<String> {
+    let (ok, out) = rbd(&["lock", "ls", &format!("{pool}/{name}"), "--format", "json"]);
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["locker"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+pub fn mount_id(n: u32) -> String {
+    format!("{n:064x}")
 }
 
 /// A keep-alive HTTP/1.1 connection to the plugin socket.

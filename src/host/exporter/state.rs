@@ -1,0 +1,163 @@
+//! The exporter's state file: the one thing the daemon reads to learn whether a mapping
+//! is usable. Written atomically (temp file in the same directory, fsync, rename), so a
+//! reader sees either the old or the new content, never a torn one.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// What the exporter is doing, as the daemon sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// The FUSE file is live and backed by the image, under our exclusive lock.
+    Serving,
+    /// Ownership was lost (lock broken, client blocklisted): every I/O now fails.
+    Fenced,
+    /// Startup failed; `error` says why. The process has exited.
+    Failed,
+}
+
+/// The JSON document. Facts not known yet (client, addr, since before the cluster was
+/// reached) are left out rather than written empty.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub state: Phase,
+    pub pid: u32,
+    pub pool: String,
+    pub image: String,
+    /// The FUSE-exposed file that the daemon attaches a loop device to.
+    pub file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// When the lock was taken (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The state file and the facts that go into every version of it.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    path: PathBuf,
+    base: Report,
+}
+
+impl StateFile {
+    pub fn new(path: &Path, pool: &str, image: &str, file: &Path) -> StateFile {
+        StateFile {
+            path: path.to_path_buf(),
+            base: Report {
+                state: Phase::Failed,
+                pid: std::process::id(),
+                pool: pool.to_string(),
+                image: image.to_string(),
+                file: file.display().to_string(),
+                client: None,
+                addr: None,
+                since: None,
+                error: None,
+            },
+        }
+    }
+
+    /// Records who we are on the cluster, for every later write.
+    pub fn set_identity(&mut self, client: String, addr: String) {
+        self.base.client = Some(client);
+        self.base.addr = Some(addr);
+    }
+
+    pub fn set_since(&mut self, since: String) {
+        self.base.since = Some(since);
+    }
+
+    pub fn write(&self, state: Phase, error: Option<String>) -> Result<()> {
+        let report = Report {
+            state,
+            error,
+            ..self.base.clone()
+        };
+        let mut json = serde_json::to_vec(&report)
+            .map_err(|e| Error::io("encoding the state file", std::io::Error::other(e)))?;
+        json.push(b'\n');
+        write_atomically(&self.path, &json)
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
+    }
+
+    pub fn remove(&self) {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove the state file")
+            }
+        }
+    }
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the state file path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself must survive a crash too, or a reader could find the old file.
+        File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_json_atomically_and_omits_unknown_facts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut sf = StateFile::new(&path, "rbd", "img", Path::new("/m/image"));
+        sf.write(Phase::Failed, Some("no such image".into()))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["state"], "failed");
+        assert_eq!(v["error"], "no such image");
+        assert_eq!(v["file"], "/m/image");
+        assert!(v.get("client").is_none());
+
+        sf.set_identity("client.42".into(), "127.0.0.1:0/1".into());
+        sf.write(Phase::Serving, None).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["state"], "serving");
+        assert_eq!(v["client"], "client.42");
+        assert!(v.get("error").is_none());
+        assert_eq!(v["pid"], std::process::id());
+        // Only the state file is left behind: no temp files.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        sf.remove();
+        assert!(!path.exists());
+        sf.remove();
+    }
+}

@@ -1,0 +1,266 @@
+//! The daemon's side of the userspace mapper: starting one detached `rbdvol export`
+//! process per image, waiting until it serves, checking on it, and stopping it by pid.
+//! Exporters run in their own session so a daemon restart (or a signal to its process
+//! group) never tears a mounted volume down.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::mapper::{Health, MapRequest};
+use crate::config::CephSettings;
+use crate::error::{Error, Result};
+
+/// What an exporter reports in its state file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExporterState {
+    pub state: String,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A running exporter.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub pid: u32,
+    /// The image, as a file on the exporter's FUSE mount.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Exporters {
+    /// The rbdvol binary (the exporter is a subcommand of it).
+    pub exe: PathBuf,
+    pub ceph: CephSettings,
+    /// `<state_dir>/exports`: one directory per mapped image.
+    pub dir: PathBuf,
+}
+
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+impl Exporters {
+    fn volume_dir(&self, req: &MapRequest) -> PathBuf {
+        self.dir.join(&req.pool).join(&req.image)
+    }
+
+    fn fuse_dir(&self, req: &MapRequest) -> PathBuf {
+        self.volume_dir(req).join("fuse")
+    }
+
+    pub fn image_file(&self, req: &MapRequest) -> PathBuf {
+        self.fuse_dir(req).join("image")
+    }
+
+    fn state_file(&self, req: &MapRequest) -> PathBuf {
+        self.volume_dir(req).join("state.json")
+    }
+
+    pub fn read_state(&self, req: &MapRequest) -> Option<ExporterState> {
+        let text = std::fs::read_to_string(self.state_file(req)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// True if `pid` is a live (not zombie) exporter serving this image's state file,
+    /// so a recycled pid is never signalled.
+    fn is_ours(&self, req: &MapRequest, pid: u32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            return false;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let state = self.state_file(req);
+        cmdline.contains("export") && cmdline.contains(state.to_string_lossy().as_ref())
+    }
+
+    fn log_tail(&self, req: &MapRequest) -> String {
+        let log =
+            std::fs::read_to_string(self.volume_dir(req).join("exporter.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(3).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    }
+
+    /// Starts an exporter for the image (or adopts one already serving it) and waits
+    /// until its file is usable.
+    pub async fn start(&self, req: &MapRequest) -> Result<Started> {
+        if let Some(st) = self.read_state(req) {
+            if let Some(pid) = st
+                .pid
+                .filter(|p| st.state == "serving" && self.is_ours(req, *p))
+            {
+                tracing::info!(pool = %req.pool, image = %req.image, pid, "adopting a running exporter");
+                return Ok(Started {
+                    pid,
+                    file: self.image_file(req),
+                });
+            }
+        }
+        self.clear_leftovers(req).await;
+        let vdir = self.volume_dir(req);
+        let fuse = self.fuse_dir(req);
+        std::fs::create_dir_all(&fuse)
+            .map_err(|e| Error::io(format!("creating {}", fuse.display()), e))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(vdir.join("exporter.log"))
+            .map_err(|e| Error::io("opening the exporter log", e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io("exporter log", e))?;
+
+        // setsid(1): a new session, so the exporter outlives the daemon and its signals.
+        let mut cmd = tokio::process::Command::new("setsid");
+        cmd.arg(&self.exe)
+            .arg("export")
+            .arg("--ceph-conf")
+            .arg(&self.ceph.conf)
+            .args([
+                "--client-id",
+                &self.ceph.client_id,
+                "--cluster",
+                &self.ceph.cluster,
+            ])
+            .args([
+                "--pool",
+                &req.pool,
+                "--image",
+                &req.image,
+                "--host-id",
+                &req.host_id,
+            ])
+            .arg("--mountpoint")
+            .arg(&fuse)
+            .arg("--state-file")
+            .arg(self.state_file(req))
+            .args(["--lock-wait", &req.lock_wait.as_secs().max(1).to_string()])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        if let Some(k) = &self.ceph.keyring {
+            cmd.arg("--keyring").arg(k);
+        }
+        if req.read_only {
+            cmd.arg("--read-only");
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::io("starting the rbdvol exporter", e))?;
+        let pid = child.id().unwrap_or_default();
+        let deadline = Instant::now() + req.lock_wait + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.read_state(req) {
+                match st.state.as_str() {
+                    "serving" => {
+                        tracing::info!(pool = %req.pool, image = %req.image, pid, "exporter serving");
+                        return Ok(Started {
+                            pid,
+                            file: self.image_file(req),
+                        });
+                    }
+                    "failed" | "fenced" => {
+                        let _ = child.wait().await;
+                        let _ = std::fs::remove_file(self.state_file(req));
+                        return Err(Error::Command {
+                            program: format!("mapping {}/{}", req.pool, req.image),
+                            detail: st.error.unwrap_or_else(|| self.log_tail(req)),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(Error::Command {
+                    program: format!("mapping {}/{}", req.pool, req.image),
+                    detail: format!("the exporter exited ({status}): {}", self.log_tail(req)),
+                });
+            }
+            if Instant::now() > deadline {
+                self.stop(req, Some(pid)).await;
+                return Err(Error::Timeout {
+                    op: format!("mapping {}/{}", req.pool, req.image),
+                    after: req.lock_wait + Duration::from_secs(20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stops the exporter (SIGTERM, then SIGKILL after a grace period) and clears its
+    /// FUSE mount and state file.
+    pub async fn stop(&self, req: &MapRequest, pid: Option<u32>) {
+        let pid = pid.or_else(|| self.read_state(req).and_then(|s| s.pid));
+        if let Some(pid) = pid.filter(|p| self.is_ours(req, *p)) {
+            signal(pid, nix::sys::signal::Signal::SIGTERM);
+            let until = Instant::now() + STOP_GRACE;
+            while self.is_ours(req, pid) && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            if self.is_ours(req, pid) {
+                tracing::warn!(pid, image = %req.image, "exporter did not stop in time; killing it");
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        self.clear_leftovers(req).await;
+    }
+
+    /// A dead exporter leaves its FUSE mount ("transport endpoint is not connected")
+    /// and state file behind; both go before a new start.
+    async fn clear_leftovers(&self, req: &MapRequest) {
+        let fuse = self.fuse_dir(req);
+        // Loop devices first: once the FUSE mount is lazily detached, their backing
+        // path no longer resolves and they could not be found any more.
+        if let Ok(devices) = super::loopdev::backing(&self.image_file(req)).await {
+            for d in devices {
+                let r = super::loopdev::detach(&d).await;
+                tracing::info!(device = %d.display(), result = ?r, "detached a leftover loop device");
+            }
+        }
+        if matches!(super::fs::mounted_at(&fuse), Ok(Some(_))) {
+            let r = super::command::run(
+                "umount",
+                ["-l".as_ref(), fuse.as_os_str()],
+                Duration::from_secs(30),
+            )
+            .await;
+            tracing::info!(dir = %fuse.display(), result = ?r.map(|o| o.code), "lazily unmounted a leftover exporter mount");
+        }
+        let _ = std::fs::remove_file(self.state_file(req));
+    }
+
+    pub fn health(&self, req: &MapRequest, pid: Option<u32>) -> Health {
+        let st = self.read_state(req);
+        let pid = pid.or_else(|| st.as_ref().and_then(|s| s.pid));
+        match (st, pid) {
+            (Some(s), _) if s.state == "fenced" => Health::Fenced,
+            (Some(s), Some(p)) if s.state == "serving" && self.is_ours(req, p) => Health::Serving,
+            _ => Health::Gone,
+        }
+    }
+
+    /// (pool, image) of every exporter directory on this host, for reconciling.
+    pub fn known(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let Ok(pools) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for pool in pools.flatten() {
+            let Ok(images) = std::fs::read_dir(pool.path()) else {
+                continue;
+            };
+            for image in images.flatten() {
+                out.push((
+                    pool.file_name().to_string_lossy().into_owned(),
+                    image.file_name().to_string_lossy().into_owned(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}

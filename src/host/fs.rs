@@ -1,0 +1,340 @@
+//! Filesystems on a mapped device: probing for existing data, formatting (only what is
+//! provably blank), checking, mounting and unmounting, and reading the mount table.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::command::{failure_text, run, run_ok};
+use crate::error::{Error, Result};
+
+const PROBE_DEADLINE: Duration = Duration::from_secs(30);
+const MKFS_DEADLINE: Duration = Duration::from_secs(90);
+const FSCK_DEADLINE: Duration = Duration::from_secs(90);
+const MOUNT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What `blkid -p` found on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// No filesystem, no partition table, no other known signature.
+    Blank,
+    /// A filesystem (or LUKS, RAID member, swap...) of this TYPE.
+    Signature(String),
+    /// A partition table of this PTTYPE.
+    PartitionTable(String),
+    /// Several signatures at once (blkid exit 8): certainly not blank.
+    Ambivalent,
+}
+
+impl Probe {
+    pub fn describe(&self) -> String {
+        match self {
+            Probe::Blank => "nothing".into(),
+            Probe::Signature(t) => format!("a {t} signature"),
+            Probe::PartitionTable(t) => format!("a {t} partition table"),
+            Probe::Ambivalent => "several conflicting signatures".into(),
+        }
+    }
+}
+
+/// Parses `blkid -p -o export` output and exit code into a [`Probe`].
+pub fn parse_probe(code: Option<i32>, stdout: &str) -> std::result::Result<Probe, String> {
+    match code {
+        Some(2) => return Ok(Probe::Blank),
+        Some(8) => return Ok(Probe::Ambivalent),
+        Some(0) => {}
+        other => return Err(format!("blkid exited with {other:?}")),
+    }
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(str::to_string))
+    };
+    if let Some(t) = field("TYPE=") {
+        return Ok(Probe::Signature(t));
+    }
+    if let Some(t) = field("PTTYPE=") {
+        return Ok(Probe::PartitionTable(t));
+    }
+    // blkid found something it cannot name: still not blank.
+    Ok(Probe::Signature("unknown".into()))
+}
+
+/// Low-level probe (`-p`: bypass the cache, read the device) for filesystems and
+/// partition tables alike.
+pub async fn probe(device: &Path) -> Result<Probe> {
+    let out = run(
+        "blkid",
+        [
+            Path::new("-p"),
+            Path::new("-o"),
+            Path::new("export"),
+            device,
+        ],
+        PROBE_DEADLINE,
+    )
+    .await?;
+    parse_probe(out.code, &out.stdout).map_err(|why| Error::Command {
+        program: "blkid".into(),
+        detail: format!(
+            "{why}: {}",
+            failure_text(&format!("blkid -p {}", device.display()), &out)
+        ),
+    })
+}
+
+/// The mkfs argv for `fstype`. `fresh`: the image was created by rbdvol and never
+/// mapped before, so its journal area is known to be zeros and need not be written.
+pub fn mkfs_argv(
+    fstype: &str,
+    user_options: &str,
+    fresh: bool,
+    device: &Path,
+) -> (String, Vec<String>) {
+    let mut args: Vec<String> = Vec::new();
+    match fstype {
+        "xfs" => {
+            // -K: do not discard (slow on thin RBD images and pointless when fresh).
+            args.extend(["-q", "-K"].map(String::from));
+        }
+        _ => {
+            let mut ext = "nodiscard,lazy_itable_init=1".to_string();
+            if fresh {
+                ext.push_str(",lazy_journal_init=1");
+            }
+            args.extend(["-q".into(), "-m0".into(), "-E".into(), ext]);
+        }
+    }
+    args.extend(user_options.split_whitespace().map(String::from));
+    args.push(device.display().to_string());
+    (format!("mkfs.{fstype}"), args)
+}
+
+pub async fn mkfs(fstype: &str, user_options: &str, fresh: bool, device: &Path) -> Result<()> {
+    let (prog, args) = mkfs_argv(fstype, user_options, fresh, device);
+    run_ok(&prog, &args, MKFS_DEADLINE).await.map(|_| ())
+}
+
+/// Preen-mode check for ext4 (replays the journal, fixes what is safe to fix, and
+/// returns at once for a clean filesystem). Refuses to mount when it finds damage
+/// that needs a person.
+pub async fn preen(fstype: &str, device: &Path) -> Result<()> {
+    if fstype != "ext4" {
+        // xfs replays its log at mount time and has no preen mode.
+        return Ok(());
+    }
+    let out = run("e2fsck", [Path::new("-p"), device], FSCK_DEADLINE).await?;
+    match out.code {
+        // 0 clean, 1 errors corrected, 2 corrected (reboot advised: not for us).
+        Some(0..=2) => Ok(()),
+        _ => Err(Error::Command {
+            program: "e2fsck".into(),
+            detail: format!(
+                "{}; the filesystem needs a manual repair: map the image and run `e2fsck -f` on it",
+                failure_text(&format!("e2fsck -p {}", device.display()), &out)
+            ),
+        }),
+    }
+}
+
+/// Mount options for a volume: the user's, plus what rbdvol needs.
+pub fn mount_options(fstype: &str, user: &str, read_only: bool) -> String {
+    let mut opts: Vec<String> = user
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(String::from)
+        .collect();
+    // Snapshots and clones of one image share an xfs UUID; let them mount side by side.
+    if fstype == "xfs" && !opts.iter().any(|o| o == "nouuid") {
+        opts.push("nouuid".into());
+    }
+    opts.push(if read_only { "ro" } else { "rw" }.into());
+    opts.join(",")
+}
+
+pub async fn mount(device: &Path, target: &Path, fstype: &str, options: &str) -> Result<()> {
+    run_ok(
+        "mount",
+        [
+            "-t".as_ref(),
+            fstype.as_ref(),
+            "-o".as_ref(),
+            options.as_ref(),
+            device.as_os_str(),
+            target.as_os_str(),
+        ],
+        MOUNT_DEADLINE,
+    )
+    .await
+    .map(|_| ())
+}
+
+pub async fn umount(target: &Path) -> Result<()> {
+    let out = run("umount", [target], MOUNT_DEADLINE).await?;
+    if out.success() {
+        return Ok(());
+    }
+    if out.stderr.contains("not mounted") {
+        return Ok(());
+    }
+    if out.stderr.contains("busy") {
+        return Err(Error::InUse {
+            name: target.display().to_string(),
+            holder: "processes on this host still use files in it (see `fuser -vm`)".into(),
+        });
+    }
+    Err(Error::Command {
+        program: "umount".into(),
+        detail: failure_text(&format!("umount {}", target.display()), &out),
+    })
+}
+
+/// One line of /proc/self/mountinfo that matters to us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub target: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Parses mountinfo: fields 5 (mount point) and, after the " - " separator, the
+/// filesystem type and source. Octal escapes (`\040` for space) are decoded.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let target = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let source = r.next()?;
+            Some(MountEntry {
+                target: PathBuf::from(unescape(target)),
+                fstype: fstype.to_string(),
+                source: unescape(source),
+            })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The entry mounted at `target`, if any (the last one wins when stacked).
+pub fn mounted_at(target: &Path) -> Result<Option<MountEntry>> {
+    Ok(mounts()?.into_iter().rev().find(|m| m.target == target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blkid_results_are_read_conservatively() {
+        assert_eq!(parse_probe(Some(2), ""), Ok(Probe::Blank));
+        assert_eq!(
+            parse_probe(
+                Some(0),
+                "DEVNAME=/dev/loop0\nUUID=x\nTYPE=ext4\nUSAGE=filesystem\n"
+            ),
+            Ok(Probe::Signature("ext4".into()))
+        );
+        assert_eq!(
+            parse_probe(Some(0), "DEVNAME=/dev/loop0\nPTUUID=x\nPTTYPE=gpt\n"),
+            Ok(Probe::PartitionTable("gpt".into()))
+        );
+        assert_eq!(
+            parse_probe(Some(0), "TYPE=crypto_LUKS\n"),
+            Ok(Probe::Signature("crypto_LUKS".into()))
+        );
+        assert_eq!(
+            parse_probe(Some(0), "DEVNAME=/dev/x\n"),
+            Ok(Probe::Signature("unknown".into()))
+        );
+        assert_eq!(parse_probe(Some(8), ""), Ok(Probe::Ambivalent));
+        assert!(
+            parse_probe(Some(4), "").is_err(),
+            "a usage error must never read as blank"
+        );
+        assert!(parse_probe(None, "").is_err());
+    }
+
+    #[test]
+    fn mkfs_defaults_follow_the_volume() {
+        let dev = Path::new("/dev/loop7");
+        let (p, a) = mkfs_argv("ext4", "", true, dev);
+        assert_eq!(p, "mkfs.ext4");
+        assert_eq!(
+            a,
+            [
+                "-q",
+                "-m0",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+                "/dev/loop7"
+            ]
+        );
+        let (_, a) = mkfs_argv("ext4", "-L data", false, dev);
+        assert_eq!(
+            a,
+            [
+                "-q",
+                "-m0",
+                "-E",
+                "nodiscard,lazy_itable_init=1",
+                "-L",
+                "data",
+                "/dev/loop7"
+            ]
+        );
+        let (p, a) = mkfs_argv("xfs", "-m crc=1", true, dev);
+        assert_eq!(p, "mkfs.xfs");
+        assert_eq!(a, ["-q", "-K", "-m", "crc=1", "/dev/loop7"]);
+    }
+
+    #[test]
+    fn mount_options_add_what_rbdvol_needs() {
+        assert_eq!(mount_options("ext4", "", false), "rw");
+        assert_eq!(
+            mount_options("ext4", "noatime,discard", true),
+            "noatime,discard,ro"
+        );
+        assert_eq!(mount_options("xfs", "noatime", false), "noatime,nouuid,rw");
+        assert_eq!(mount_options("xfs", "nouuid", false), "nouuid,rw");
+    }
+
+    #[test]
+    fn mountinfo_lines_are_parsed_with_escapes() {
+        let text = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - ext4 /dev/loop3 rw\n\
+                    37 35 0:44 / /var/lib/x rw shared:2 - fuse.rbdvol rbdvol:rbd/v rw,user_id=0\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].target, PathBuf::from("/mnt/a b"));
+        assert_eq!(
+            (m[0].fstype.as_str(), m[0].source.as_str()),
+            ("ext4", "/dev/loop3")
+        );
+        assert_eq!(m[1].fstype, "fuse.rbdvol");
+    }
+}
