@@ -446,3 +446,64 @@ fn a_restarted_daemon_adopts_mounted_volumes() {
     d.unmount(&name, &mount_id(1));
     assert_unmapped(&d, "rbd", &name);
 }
+
+#[test]
+fn a_foreign_image_is_formatted_only_if_nothing_was_ever_written() {
+    let d = Daemon::start(DaemonOpts::host("host-a"));
+    let work = tempfile::tempdir().unwrap();
+
+    // Raw data with no signature (say, a database's raw device): refused, untouched.
+    let name = unique("rawdata");
+    let raw = work.path().join("raw.img");
+    let st = Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            "60",
+            "dd",
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=16",
+            "status=none",
+        ])
+        .arg(format!("of={}", raw.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (ok, out) = rbd(&[
+        "import",
+        "--image-feature",
+        "layering,exclusive-lock",
+        raw.to_str().unwrap(),
+        &format!("rbd/{name}"),
+    ]);
+    assert!(ok, "{out}");
+    let before = image_checksum("rbd", &name, work.path());
+    d.err(
+        "VolumeDriver.Mount",
+        &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(1)),
+        "holds data that no filesystem signature explains",
+    );
+    assert_unmapped(&d, "rbd", &name);
+    assert_eq!(
+        image_checksum("rbd", &name, work.path()),
+        before,
+        "a refused volume was modified"
+    );
+
+    // A foreign image nobody ever wrote to is provably blank: formatted and mounted.
+    let name = unique("emptyforeign");
+    let (ok, out) = rbd(&[
+        "create",
+        "--size",
+        "64M",
+        "--image-feature",
+        "layering,exclusive-lock",
+        &format!("rbd/{name}"),
+    ]);
+    assert!(ok, "{out}");
+    let mp = d.mount(&name, &mount_id(2));
+    write_file(&mp.join("f"), "ok");
+    d.unmount(&name, &mount_id(2));
+    assert_unmapped(&d, "rbd", &name);
+}

@@ -249,3 +249,16 @@ pub fn remove(rados: &Rados, pool: &str, name: &str, how: Disposal) -> Result<()
         Err(e) => Err(ceph_err(format!("removing image {pool}/{name}"), e)),
     }
 }
+
+/// Whether the image holds any written data at all (see `Image::has_allocated_data`).
+pub fn has_data(rados: &Rados, pool: &str, name: &str) -> Result<bool> {
+    let io = rados
+        .pool(pool)
+        .map_err(|e| ceph_err(format!("opening pool {pool}"), e))?;
+    let image = io
+        .open_read_only(name)
+        .map_err(|e| ceph_err(format!("opening image {pool}/{name}"), e))?;
+    image
+        .has_allocated_data()
+        .map_err(|e| ceph_err(format!("reading the allocation map of {pool}/{name}"), e))
+}

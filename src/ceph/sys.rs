@@ -843,6 +843,60 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+#[link(name = "rbd")]
+extern "C" {
+    fn rbd_diff_iterate2(
+        image: RbdImage,
+        fromsnapname: *const c_char,
+        ofs: u64,
+        len: u64,
+        include_parent: u8,
+        whole_object: u8,
+        cb: extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int,
+        arg: *mut c_void,
+    ) -> c_int;
+}
+
+/// Stops the iteration at the first allocated extent: "data exists" is all we need.
+extern "C" fn stop_at_first_extent(
+    _ofs: u64,
+    _len: usize,
+    exists: c_int,
+    _arg: *mut c_void,
+) -> c_int {
+    if exists != 0 {
+        -libc::EEXIST
+    } else {
+        0
+    }
+}
+
+impl Image<'_> {
+    /// True if any part of the image (or its parent) was ever written: librbd's
+    /// allocation map, not the contents. An image with no allocated extent is provably
+    /// blank whatever a signature probe says.
+    pub fn has_allocated_data(&self) -> Result<bool> {
+        let size = self.stat()?.size;
+        // SAFETY: valid handle; the callback touches nothing through `arg` (NULL).
+        let rc = unsafe {
+            rbd_diff_iterate2(
+                self.handle,
+                ptr::null(),
+                0,
+                size,
+                1,
+                1,
+                stop_at_first_extent,
+                ptr::null_mut(),
+            )
+        };
+        match rc {
+            rc if rc == -libc::EEXIST => Ok(true),
+            rc => check(rc).map(|_| false),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

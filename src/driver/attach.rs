@@ -199,9 +199,17 @@ impl Attacher {
                 fstype
             }
             FormatDecision::Format => {
+                let created_by_rbdvol = facts.meta.contains_key("created-at");
+                // An image from elsewhere may hold raw data no probe recognises (a
+                // database's raw device, an encrypted blob): format it only if nothing
+                // was ever written to it.
+                if !created_by_rbdvol && self.has_data(facts).await? {
+                    return Err(Error::NotSupported(format!(
+                        "volume {name} was not created by rbdvol and holds data that no filesystem signature explains; rbdvol will not format it. If it really is disposable, `rbd rm` it and create the volume with docker volume create"
+                    )));
+                }
                 // Only an image rbdvol created and never mapped before is known to be zeros.
-                let fresh = facts.meta.contains_key("created-at")
-                    && !facts.meta.contains_key("first-mapped");
+                let fresh = created_by_rbdvol && !facts.meta.contains_key("first-mapped");
                 tracing::info!(volume = name, fstype = %declared, fresh, "volume is blank: formatting");
                 fs::mkfs(&declared, &meta("mkfs-options"), fresh, device).await?;
                 let marker = format!("{declared} by {} at {}", self.host_id, now());
@@ -220,6 +228,17 @@ impl Attacher {
         crash_point("mount:after-mount");
         tracing::info!(volume = name, mountpoint = %mountpoint.display(), fstype = %fstype, options = %options, "mounted");
         Ok(fstype)
+    }
+
+    async fn has_data(&self, facts: &ImageFacts) -> Result<bool> {
+        let (pool, name) = (facts.pool.clone(), facts.name.clone());
+        self.cluster
+            .run(
+                "reading the allocation map",
+                super::LONG_DEADLINE,
+                move |r| images::has_data(r, &pool, &name),
+            )
+            .await
     }
 
     async fn set_meta(

@@ -81,6 +81,8 @@ pub struct DaemonOpts {
     pub pools: Vec<String>,
     pub ceph_conf: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Network namespace to run in (a host with its own address), if any.
+    pub netns: Option<String>,
 }
 
 impl DaemonOpts {
@@ -90,7 +92,14 @@ impl DaemonOpts {
             pools: vec!["rbd".into(), "fast".into()],
             ceph_conf: ceph_conf(),
             env: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Runs the daemon (and so its exporters) inside a test-network host namespace.
+    pub fn in_netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
+        self
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -131,7 +140,16 @@ impl Daemon {
 
     /// The daemon's command line, serving `socket` instead of its own.
     pub fn command_on(&self, socket: &Path) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rbdvol"));
+        let mut cmd = match &self.opts.netns {
+            // Only the network namespace changes: mounts stay visible to the test.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={ns}"))
+                    .arg(env!("CARGO_BIN_EXE_rbdvol"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_rbdvol")),
+        };
         cmd.arg("serve")
             .arg("--socket")
             .arg(socket)
@@ -541,4 +559,45 @@ impl Conn {
     pub fn raw(&mut self) -> &mut UnixStream {
         &mut self.writer
     }
+}
+
+/// The test network's hosts, if `integration/test` could make one (network namespaces
+/// with their own addresses on a bridge the cluster listens on).
+pub struct TestNet {
+    pub ns: Vec<String>,
+    pub addr: Vec<String>,
+    pub link: Vec<String>,
+}
+
+pub fn testnet() -> Option<TestNet> {
+    let get = |k: &str| std::env::var(k).ok();
+    let mut net = TestNet {
+        ns: Vec::new(),
+        addr: Vec::new(),
+        link: Vec::new(),
+    };
+    for h in ["A", "B"] {
+        net.ns.push(get(&format!("TESTNET_NS_{h}"))?);
+        net.addr.push(get(&format!("TESTNET_ADDR_{h}"))?);
+        net.link.push(get(&format!("TESTNET_LINK_{h}"))?);
+    }
+    Some(net)
+}
+
+/// Sets a host's link on the bridge up or down (a network partition).
+pub fn set_link(link: &str, up: bool) {
+    let st = Command::new("timeout")
+        .args([
+            "-k",
+            "2",
+            "20",
+            "ip",
+            "link",
+            "set",
+            link,
+            if up { "up" } else { "down" },
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip link set {link}");
 }
