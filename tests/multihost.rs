@@ -275,9 +275,12 @@ fn takeover_trial(net: &TestNet, partition: bool, write_for: Duration) -> Outcom
     let lost = lost_records(&mp_b.join("log"), &acked);
     let double_writes = acked.iter().filter(|(_, t)| *t > took_over).count();
     b.unmount(&name, &mount_id(2));
-    let _ = a.call(
-        "VolumeDriver.Unmount",
-        &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(1)),
+    a.unmount(&name, &mount_id(1));
+    assert_eq!(a.leftovers(), Vec::<String>::new(), "{}", a.log());
+    // A's fenced client is gone for good: its blocklist entry was cleaned up.
+    assert!(
+        !blocklist().contains(&a_addr),
+        "stale blocklist entry {a_addr} left behind"
     );
     Outcome {
         takeover,

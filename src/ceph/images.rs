@@ -262,3 +262,18 @@ pub fn has_data(rados: &Rados, pool: &str, name: &str) -> Result<bool> {
         .has_allocated_data()
         .map_err(|e| ceph_err(format!("reading the allocation map of {pool}/{name}"), e))
 }
+
+/// Removes `addr` from the OSD blocklist. Only for a client instance that is gone for
+/// good (its process exited): the entry then protects nothing.
+pub fn unblocklist(rados: &Rados, addr: &str) -> Result<()> {
+    let cmd = serde_json::json!({ "prefix": "osd blocklist", "blocklistop": "rm", "addr": addr })
+        .to_string();
+    rados
+        .mon_command(&cmd)
+        .map(|_| ())
+        .map_err(|(e, status)| Error::Ceph {
+            op: format!("removing {addr} from the blocklist"),
+            errno: e.0,
+            detail: format!("{} {status}", e.describe()),
+        })
+}

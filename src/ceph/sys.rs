@@ -251,6 +251,49 @@ impl Rados {
         Ok(s)
     }
 
+    /// Sends one monitor command (JSON) and returns (output, status text).
+    pub fn mon_command(
+        &self,
+        json: &str,
+    ) -> std::result::Result<(String, String), (Errno, String)> {
+        let cmd = cstr(json).map_err(|e| (e, String::new()))?;
+        let mut cmds = [cmd.as_ptr()];
+        let (mut out, mut outlen): (*mut c_char, usize) = (ptr::null_mut(), 0);
+        let (mut st, mut stlen): (*mut c_char, usize) = (ptr::null_mut(), 0);
+        // SAFETY: one valid command string; librados allocates both output buffers,
+        // which are copied and freed below.
+        let rc = unsafe {
+            rados::rados_mon_command(
+                self.handle,
+                cmds.as_mut_ptr(),
+                1,
+                ptr::null(),
+                0,
+                &mut out,
+                &mut outlen,
+                &mut st,
+                &mut stlen,
+            )
+        };
+        let take = |p: *mut c_char, len: usize| -> String {
+            if p.is_null() {
+                return String::new();
+            }
+            // SAFETY: librados returned `len` bytes at `p`; freed right after copying.
+            let s =
+                String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
+                    .into_owned();
+            unsafe { rados::rados_buffer_free(p) };
+            s
+        };
+        let (out, status) = (take(out, outlen), take(st, stlen));
+        if rc < 0 {
+            Err((Errno(-rc), status))
+        } else {
+            Ok((out, status))
+        }
+    }
+
     /// This client's global id (`client.N`).
     pub fn instance_id(&self) -> u64 {
         // SAFETY: valid connected handle.

@@ -259,14 +259,51 @@ impl Attacher {
         fs::umount(&v.mountpoint).await?;
         crash_point("unmount:after-umount");
         let req = self.request_for(name, v);
+        // The client address of an exporter that was fenced or has died, read before
+        // it goes away with its state: once stopped, that client never comes back.
+        let fenced_client = match v.mapping.kind {
+            MapperKind::Userspace => {
+                let exporters = self.mappers.exporters();
+                let serving = exporters.health(&req, v.mapping.exporter_pid) == Health::Serving;
+                exporters
+                    .read_state(&req)
+                    .and_then(|st| st.addr)
+                    .filter(|_| !serving)
+            }
+            _ => None,
+        };
         self.mappers
             .get(v.mapping.kind)
             .unmap(&req, &v.mapping)
             .await?;
         crash_point("unmount:after-unmap");
+        if let Some(addr) = fenced_client {
+            self.forget_fenced_client(name, addr).await;
+        }
         let _ = std::fs::remove_dir(&v.mountpoint);
         tracing::info!(volume = name, "unmounted and unmapped");
         Ok(())
+    }
+
+    /// The blocklist entry that fenced this host's (now exited) exporter protects
+    /// nothing any more: that client instance can never come back. Removing it keeps
+    /// the blocklist to entries that matter; failing to is harmless (it expires).
+    async fn forget_fenced_client(&self, name: &str, addr: String) {
+        let a = addr.clone();
+        let r = self
+            .cluster
+            .run("cleaning the blocklist", super::SHORT_DEADLINE, move |r| {
+                images::unblocklist(r, &a)
+            })
+            .await;
+        match r {
+            Ok(()) => {
+                tracing::info!(volume = name, client = %addr, "removed this host's exited, fenced client from the blocklist")
+            }
+            Err(e) => {
+                tracing::warn!(volume = name, client = %addr, error = %e, "could not remove a stale blocklist entry; it expires by itself")
+            }
+        }
     }
 
     pub async fn health(&self, name: &str, v: &ActiveVolume) -> Health {

@@ -21,6 +21,9 @@ pub struct ExporterState {
     pub pid: Option<u32>,
     #[serde(default)]
     pub error: Option<String>,
+    /// The exporter's client address (what a blocklist entry names).
+    #[serde(default)]
+    pub addr: Option<String>,
 }
 
 /// A running exporter.
