@@ -27,12 +27,30 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the configuration in effect (defaults < file < RBDVOL_* environment < flags).
     ShowConfig(ServeArgs),
+    /// Certificates for the HTTPS (remote plugin) listener.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Operator commands for volume ownership across hosts.
     #[command(subcommand)]
     Lock(LockCommand),
     /// Serve one RBD image as a file through FUSE, holding its exclusive lock. The
     /// daemon starts one of these per mapped volume (userspace mapper); not for humans.
     Export(crate::host::exporter::ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a CA, a server certificate for --host names/addresses, a client certificate
+    /// for dockerd, and rbdvol.json (copy it to /etc/docker/plugins/) in DIR.
+    Init {
+        dir: PathBuf,
+        /// DNS name or IP address the server certificate is for (repeatable).
+        #[arg(long = "host", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+        /// HOST:PORT dockerd connects to (written into rbdvol.json).
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7443")]
+        addr: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +99,9 @@ pub struct ServeArgs {
     /// Root directory under which volumes are mounted.
     #[arg(long, value_name = "DIR")]
     pub mount_root: Option<PathBuf>,
+    /// HTTPS listener address (e.g. 0.0.0.0:7443); certificates come from the [tls] config.
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<String>,
     /// Mapper: auto, krbd, nbd or userspace.
     #[arg(long, value_name = "KIND")]
     pub mapper: Option<String>,
@@ -111,6 +132,7 @@ impl ServeArgs {
         set!(self.state_dir, s.state_dir);
         set!(self.mount_root, s.mount_root);
         set!(self.mapper, s.map.mapper);
+        set!(self.tls_listen, s.tls.listen);
         set!(self.log_level, s.log.level);
         set!(self.log_format, s.log.format);
         if self.keyring.is_some() {

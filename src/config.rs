@@ -28,6 +28,7 @@ pub struct Settings {
     pub remove: RemoveSettings,
     pub map: MapSettings,
     pub lock: LockSettings,
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +86,18 @@ pub struct LockSettings {
     pub takeover_wait: Duration,
 }
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Address of the HTTPS listener (e.g. "0.0.0.0:7443"); empty: none.
+    pub listen: String,
+    /// Server certificate chain and private key (PEM).
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// When set, clients must present a certificate this CA signed (mutual TLS).
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
 impl Default for MapSettings {
     fn default() -> Self {
         MapSettings {
@@ -134,6 +147,7 @@ impl Default for Settings {
             remove: RemoveSettings::default(),
             map: MapSettings::default(),
             lock: LockSettings::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -257,6 +271,13 @@ impl Settings {
             return Err(Error::Config(
                 "lock.takeover_wait must stay under 100s: Docker abandons a Mount after 2 minutes"
                     .into(),
+            ));
+        }
+        if !self.tls.listen.is_empty()
+            && (self.tls.cert.as_os_str().is_empty() || self.tls.key.as_os_str().is_empty())
+        {
+            return Err(Error::Config(
+                "tls.listen is set but tls.cert or tls.key is not; `rbdvol tls init DIR` makes them".into(),
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

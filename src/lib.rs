@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod ceph;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod driver;

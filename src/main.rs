@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use rbdvol::api;
 use rbdvol::ceph::{self, Cluster};
-use rbdvol::cli::{Cli, Command, LockCommand, ServeArgs};
+use rbdvol::cli::{Cli, Command, LockCommand, ServeArgs, TlsCommand};
 use rbdvol::config::Settings;
 use rbdvol::driver::Driver;
 use rbdvol::error::Result;
@@ -73,8 +73,39 @@ async fn serve(args: &ServeArgs) -> Result<()> {
             watcher.check_fencing(None).await;
         }
     });
+    // One shutdown signal for every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let tls_server = if settings.tls.listen.is_empty() {
+        None
+    } else {
+        let config = api::tls::server_config(&settings.tls)?;
+        let tcp = api::tls::bind(&settings.tls.listen).await?;
+        tracing::info!(
+            addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            mutual = settings.tls.client_ca.is_some(),
+            "serving HTTPS"
+        );
+        Some(tokio::spawn(api::tls::serve(
+            tcp,
+            config,
+            driver.clone(),
+            stopped(),
+        )))
+    };
     tracing::info!(socket = %settings.socket.display(), "serving");
-    api::serve(listener, driver, shutdown_signal()).await;
+    let unix_server = tokio::spawn(api::serve(listener, driver, stopped()));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = unix_server.await;
+    if let Some(t) = tls_server {
+        let _ = t.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -120,6 +151,12 @@ fn main() -> ExitCode {
         Command::ShowConfig(args) => args.settings().map(|s| println!("{s:#?}")),
         Command::Export(args) => rbdvol::host::exporter::run(args),
         Command::Lock(cmd) => lock_command(cmd),
+        Command::Tls(TlsCommand::Init { dir, hosts, addr }) => rbdvol::certs::init(dir, hosts, addr).map(|_| {
+            println!(
+                "wrote ca.pem, server.pem, server-key.pem, client.pem, client-key.pem and rbdvol.json to {}.\nServer: set tls.listen, tls.cert, tls.key and tls.client_ca (ca.pem) in the rbdvol config.\nDocker: copy rbdvol.json to /etc/docker/plugins/ (and remove any rbdvol.sock/.spec, which take precedence).",
+                dir.display()
+            )
+        }),
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

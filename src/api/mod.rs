@@ -4,6 +4,7 @@
 
 pub mod protocol;
 pub mod router;
+pub mod tls;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -100,18 +101,24 @@ pub async fn serve(
                 }
             },
         };
-        let driver = driver.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(driver.clone(), req));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended");
-            }
-        });
+        tokio::spawn(serve_connection(stream, driver.clone()));
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection (unix socket or TLS stream) until the
+/// client closes it or stalls sending headers.
+pub async fn serve_connection<IO>(io: IO, driver: Arc<Driver>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(driver.clone(), req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended");
     }
 }
 
