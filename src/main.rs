@@ -37,6 +37,27 @@ async fn shutdown_signal() {
     }
 }
 
+/// The keyring is the cluster credential: anyone who can read it can do what rbdvol
+/// can. Say so loudly when it is world-readable (its contents are never logged).
+fn warn_if_keyring_is_readable(settings: &Settings) {
+    use std::os::unix::fs::PermissionsExt;
+    let from_conf = || {
+        let conf = std::fs::read_to_string(&settings.ceph.conf).ok()?;
+        conf.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "keyring").then(|| std::path::PathBuf::from(v.trim()))
+        })
+    };
+    let Some(keyring) = settings.ceph.keyring.clone().or_else(from_conf) else {
+        return;
+    };
+    if let Ok(meta) = std::fs::metadata(&keyring) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(keyring = %keyring.display(), "the ceph keyring is world-readable: any local user can act on the cluster with it; chmod 600 it");
+        }
+    }
+}
+
 async fn serve(args: &ServeArgs) -> Result<()> {
     let settings = args.settings()?;
     init_logging(&settings);
@@ -49,6 +70,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         pools = ?settings.ceph.pools,
         "rbdvol starting"
     );
+    warn_if_keyring_is_readable(&settings);
     // Bind first: a managed plugin must listen within ~9.5 s, before slow Ceph work.
     let listener = api::bind(&settings.socket).await?;
     let _remove_socket_on_exit = api::SocketGuard(settings.socket.clone());

@@ -168,25 +168,6 @@ fn a_volume_released_while_another_host_waits_is_handed_over() {
     assert_eq!(a.leftovers(), Vec::<String>::new());
 }
 
-fn exporter_state(d: &Daemon, name: &str) -> serde_json::Value {
-    let path = d.state_dir().join(format!("exports/rbd/{name}/state.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn blocklist() -> String {
-    let out = Command::new("timeout")
-        .args(["-k", "5", "60", "ceph", "-c"])
-        .arg(ceph_conf())
-        .args(["osd", "blocklist", "ls"])
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[test]
 fn a_dead_holder_is_fenced_and_its_acknowledged_writes_survive() {
     let a = Daemon::start(short_wait("host-a"));
@@ -202,7 +183,7 @@ fn a_dead_holder_is_fenced_and_its_acknowledged_writes_survive() {
         std::fs::File::open(&f).unwrap().sync_all().unwrap();
         acknowledged.push(i);
     }
-    let st = exporter_state(&a, &name);
+    let st = a.exporter_state(&name);
     let (pid, addr) = (
         st["pid"].as_u64().unwrap() as i32,
         st["addr"].as_str().unwrap().to_string(),

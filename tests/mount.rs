@@ -220,6 +220,35 @@ fn ext4_image_with_file(dir: &Path, content: &str) -> std::path::PathBuf {
     img
 }
 
+/// Imports `file` as image `rbd/<name>` (layering + exclusive-lock), as someone else
+/// might have filled it before rbdvol saw it.
+fn import(file: &Path, name: &str) {
+    let (ok, out) = rbd(&[
+        "import",
+        "--image-feature",
+        "layering,exclusive-lock",
+        file.to_str().unwrap(),
+        &format!("rbd/{name}"),
+    ]);
+    assert!(ok, "{out}");
+}
+
+/// Mount must refuse with `why`, leaving the image byte-for-byte as it was.
+fn assert_refused_untouched(d: &Daemon, name: &str, id: u32, why: &str, work: &Path) {
+    let before = image_checksum("rbd", name, work);
+    d.err(
+        "VolumeDriver.Mount",
+        &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(id)),
+        why,
+    );
+    assert_unmapped(d, "rbd", name);
+    assert_eq!(
+        image_checksum("rbd", name, work),
+        before,
+        "a refused volume was modified"
+    );
+}
+
 fn image_checksum(pool: &str, name: &str, dir: &Path) -> String {
     let out = dir.join(format!("{name}.export"));
     let _ = std::fs::remove_file(&out);
@@ -241,14 +270,7 @@ fn existing_data_is_never_formatted_over() {
     // An image someone filled before rbdvol saw it: mounted as found, data intact.
     let name = unique("adopt");
     let img = ext4_image_with_file(work.path(), "do not wipe");
-    let (ok, out) = rbd(&[
-        "import",
-        "--image-feature",
-        "layering,exclusive-lock",
-        img.to_str().unwrap(),
-        &format!("rbd/{name}"),
-    ]);
-    assert!(ok, "{out}");
+    import(&img, &name);
     let mp = d.mount(&name, &mount_id(1));
     assert_eq!(
         std::fs::read_to_string(mp.join("precious")).unwrap(),
@@ -286,27 +308,9 @@ fn existing_data_is_never_formatted_over() {
         .write_all(b"label: gpt\n,,L\n")
         .unwrap();
     assert!(sf.wait().unwrap().success());
-    let (ok, out) = rbd(&[
-        "import",
-        "--image-feature",
-        "layering,exclusive-lock",
-        raw.to_str().unwrap(),
-        &format!("rbd/{name}-2"),
-    ]);
-    assert!(ok, "{out}");
+    import(&raw, &format!("{name}-2"));
     let name = format!("{name}-2");
-    let before = image_checksum("rbd", &name, work.path());
-    d.err(
-        "VolumeDriver.Mount",
-        &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(2)),
-        "gpt partition table",
-    );
-    assert_unmapped(&d, "rbd", &name);
-    assert_eq!(
-        image_checksum("rbd", &name, work.path()),
-        before,
-        "a refused volume was modified"
-    );
+    assert_refused_untouched(&d, &name, 2, "gpt partition table", work.path());
 
     // Marked as formatted, yet blank: something is wrong, so refuse rather than format.
     let name = unique("marked");
@@ -470,25 +474,13 @@ fn a_foreign_image_is_formatted_only_if_nothing_was_ever_written() {
         .status()
         .unwrap();
     assert!(st.success());
-    let (ok, out) = rbd(&[
-        "import",
-        "--image-feature",
-        "layering,exclusive-lock",
-        raw.to_str().unwrap(),
-        &format!("rbd/{name}"),
-    ]);
-    assert!(ok, "{out}");
-    let before = image_checksum("rbd", &name, work.path());
-    d.err(
-        "VolumeDriver.Mount",
-        &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(1)),
+    import(&raw, &name);
+    assert_refused_untouched(
+        &d,
+        &name,
+        1,
         "holds data that no filesystem signature explains",
-    );
-    assert_unmapped(&d, "rbd", &name);
-    assert_eq!(
-        image_checksum("rbd", &name, work.path()),
-        before,
-        "a refused volume was modified"
+        work.path(),
     );
 
     // A foreign image nobody ever wrote to is provably blank: formatted and mounted.

@@ -115,21 +115,6 @@ fn lost_records(file: &Path, acked: &[(u64, Instant)]) -> Vec<u64> {
         .collect()
 }
 
-fn exporter_state(d: &Daemon, name: &str) -> serde_json::Value {
-    let path = d.state_dir().join(format!("exports/rbd/{name}/state.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn blocklist() -> String {
-    let out = std::process::Command::new("timeout")
-        .args(["-k", "5", "60", "ceph", "-c"])
-        .arg(ceph_conf())
-        .args(["osd", "blocklist", "ls"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
 fn wait_fenced(d: &Daemon, name: &str, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -188,7 +173,7 @@ fn clean_migration_keeps_every_byte() {
             expected.push((rel, body));
         }
     }
-    let a_addr = exporter_state(&a, &name)["addr"]
+    let a_addr = a.exporter_state(&name)["addr"]
         .as_str()
         .unwrap()
         .to_string();
@@ -223,7 +208,7 @@ fn takeover_trial(net: &TestNet, partition: bool, write_for: Duration) -> Outcom
     let name = unique(if partition { "mh-cut" } else { "mh-dead" });
     a.create(&name, r#"{"size":"64M"}"#);
     let mp = a.mount(&name, &mount_id(1));
-    let a_addr = exporter_state(&a, &name)["addr"]
+    let a_addr = a.exporter_state(&name)["addr"]
         .as_str()
         .unwrap()
         .to_string();
@@ -237,7 +222,7 @@ fn takeover_trial(net: &TestNet, partition: bool, write_for: Duration) -> Outcom
     if partition {
         set_link(&net.link[0], false);
     } else {
-        let pid = exporter_state(&a, &name)["pid"].as_i64().unwrap() as i32;
+        let pid = a.exporter_state(&name)["pid"].as_i64().unwrap() as i32;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,

@@ -136,6 +136,33 @@ fn rbd_identity(ceph: &CephSettings) -> Vec<String> {
     a
 }
 
+/// Runs `rbd device map …` and takes the device it prints.
+async fn rbd_map(kind: MapperKind, argv: Vec<String>) -> Result<Mapping> {
+    let out = run_ok("rbd", argv, RBD_DEADLINE).await?;
+    Ok(Mapping {
+        kind,
+        device: PathBuf::from(out.stdout.trim()),
+        exporter_pid: None,
+    })
+}
+
+/// Runs `rbd device unmap …` unless the device is already gone.
+async fn rbd_unmap(mapping: &Mapping, argv: Vec<String>) -> Result<()> {
+    if !mapping.device.exists() {
+        return Ok(());
+    }
+    run_ok("rbd", argv, RBD_DEADLINE).await.map(|_| ())
+}
+
+/// A kernel-backed mapping lives as long as its device node.
+fn device_health(mapping: &Mapping) -> Health {
+    if mapping.device.exists() {
+        Health::Serving
+    } else {
+        Health::Gone
+    }
+}
+
 /// The kernel RBD client: `rbd device map -t krbd -o exclusive,noshare`.
 pub struct Krbd {
     pub ceph: CephSettings,
@@ -201,33 +228,15 @@ impl Mapper for Krbd {
         if missing != 0 {
             return Err(unsupported_features_error(req, missing, supported));
         }
-        let out = run_ok("rbd", self.map_argv(req, udev_running()), RBD_DEADLINE).await?;
-        Ok(Mapping {
-            kind: MapperKind::Krbd,
-            device: PathBuf::from(out.stdout.trim()),
-            exporter_pid: None,
-        })
+        rbd_map(MapperKind::Krbd, self.map_argv(req, udev_running())).await
     }
 
     async fn unmap(&self, _req: &MapRequest, mapping: &Mapping) -> Result<()> {
-        if !mapping.device.exists() {
-            return Ok(());
-        }
-        run_ok(
-            "rbd",
-            self.unmap_argv(mapping, udev_running()),
-            RBD_DEADLINE,
-        )
-        .await
-        .map(|_| ())
+        rbd_unmap(mapping, self.unmap_argv(mapping, udev_running())).await
     }
 
     async fn health(&self, _req: &MapRequest, mapping: &Mapping) -> Health {
-        if mapping.device.exists() {
-            Health::Serving
-        } else {
-            Health::Gone
-        }
+        device_health(mapping)
     }
 }
 
@@ -263,29 +272,15 @@ impl Mapper for Nbd {
     }
 
     async fn map(&self, req: &MapRequest) -> Result<Mapping> {
-        let out = run_ok("rbd", self.map_argv(req), RBD_DEADLINE).await?;
-        Ok(Mapping {
-            kind: MapperKind::Nbd,
-            device: PathBuf::from(out.stdout.trim()),
-            exporter_pid: None,
-        })
+        rbd_map(MapperKind::Nbd, self.map_argv(req)).await
     }
 
     async fn unmap(&self, _req: &MapRequest, mapping: &Mapping) -> Result<()> {
-        if !mapping.device.exists() {
-            return Ok(());
-        }
-        run_ok("rbd", self.unmap_argv(mapping), RBD_DEADLINE)
-            .await
-            .map(|_| ())
+        rbd_unmap(mapping, self.unmap_argv(mapping)).await
     }
 
     async fn health(&self, _req: &MapRequest, mapping: &Mapping) -> Health {
-        if mapping.device.exists() {
-            Health::Serving
-        } else {
-            Health::Gone
-        }
+        device_health(mapping)
     }
 }
 

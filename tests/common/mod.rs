@@ -601,3 +601,24 @@ pub fn set_link(link: &str, up: bool) {
         .unwrap();
     assert!(st.success(), "ip link set {link}");
 }
+
+impl Daemon {
+    /// The state file of this host's exporter for `rbd/<name>` (pid, client address, state).
+    pub fn exporter_state(&self, name: &str) -> Value {
+        let path = self
+            .state_dir()
+            .join(format!("exports/rbd/{name}/state.json"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+}
+
+/// `ceph osd blocklist ls` of the test cluster.
+pub fn blocklist() -> String {
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", "ceph", "-c"])
+        .arg(ceph_conf())
+        .args(["osd", "blocklist", "ls"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
