@@ -499,3 +499,29 @@ fn a_foreign_image_is_formatted_only_if_nothing_was_ever_written() {
     d.unmount(&name, &mount_id(2));
     assert_unmapped(&d, "rbd", &name);
 }
+
+#[test]
+fn a_mount_root_that_is_itself_a_mount_point_is_kept() {
+    let mut opts = DaemonOpts::host("host-a");
+    opts.mount_root_is_a_mount = true;
+    let mut d = Daemon::start(opts);
+    assert!(is_mountpoint(&d.mount_root()));
+    let name = unique("rootmnt");
+    d.create(&name, r#"{"size":"64M"}"#);
+    let mp = d.mount(&name, &mount_id(1));
+    write_file(&mp.join("f"), "kept");
+    // The start-up reconcile releases untracked mounts below the root, never the root.
+    d.restart();
+    assert!(
+        is_mountpoint(&d.mount_root()),
+        "the daemon unmounted its own mount root"
+    );
+    assert!(is_mountpoint(&mp));
+    assert_eq!(std::fs::read_to_string(mp.join("f")).unwrap(), "kept");
+    d.unmount(&name, &mount_id(1));
+    // Only the root's own (test-made) mount remains.
+    let root = format!("mount {}", d.mount_root().display());
+    let left: Vec<String> = d.leftovers().into_iter().filter(|l| *l != root).collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert_eq!(lock_holders("rbd", &name), Vec::<String>::new());
+}

@@ -221,27 +221,78 @@ impl Drop for SpecGuard {
     }
 }
 
+/// dockerd caches a legacy plugin by name for its whole life, with the address and TLS
+/// files it read at activation. So this test uses one fixed driver name, port and
+/// certificate directory on a machine, and one run at a time (a lock file): a later run
+/// serves exactly what dockerd cached, and no stale drivers pile up in dockerd.
+const DOCKER_TLS_DRIVER: &str = "rbdvol-e2e-tls";
+const DOCKER_TLS_PORT: u16 = 17443;
+const DOCKER_TLS_DIR: &str = "/var/lib/rbdvol-e2e/tls";
+
+fn docker_tls_lock() -> nix::fcntl::Flock<std::fs::File> {
+    std::fs::create_dir_all("/run/lock").unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/rbdvol-docker-tls.lock")
+        .unwrap();
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap()
+}
+
 #[test]
 fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
     if let Err(why) = docker_available() {
         eprintln!("SKIPPED dockerd over mutual TLS: no Docker engine: {why}");
         return;
     }
-    let h = tls_host("host-tls-docker");
-    let driver = format!("rbdvol-tls-{}", std::process::id());
+    let _one_run_at_a_time = docker_tls_lock();
+    let certs_dir = PathBuf::from(DOCKER_TLS_DIR);
+    if !certs_dir.join("rbdvol.json").exists() {
+        certs::init(
+            &certs_dir,
+            &["localhost".into(), "127.0.0.1".into()],
+            &format!("127.0.0.1:{DOCKER_TLS_PORT}"),
+        )
+        .unwrap();
+    }
+    if std::net::TcpListener::bind(("127.0.0.1", DOCKER_TLS_PORT)).is_err() {
+        panic!("port {DOCKER_TLS_PORT} (this test's fixed port, which dockerd caches) is taken by another process");
+    }
+    let c = |f: &str| certs_dir.join(f).display().to_string();
+    let d = Daemon::start(
+        DaemonOpts::host("host-tls-docker")
+            .env(
+                "RBDVOL_TLS__LISTEN",
+                &format!("127.0.0.1:{DOCKER_TLS_PORT}"),
+            )
+            .env("RBDVOL_TLS__CERT", &c("server.pem"))
+            .env("RBDVOL_TLS__KEY", &c("server-key.pem"))
+            .env("RBDVOL_TLS__CLIENT_CA", &c("ca.pem")),
+    );
     std::fs::create_dir_all("/etc/docker/plugins").unwrap();
-    let spec = PathBuf::from(format!("/etc/docker/plugins/{driver}.json"));
-    std::fs::copy(h.certs.join("rbdvol.json"), &spec).unwrap();
+    let spec = PathBuf::from(format!("/etc/docker/plugins/{DOCKER_TLS_DRIVER}.json"));
+    std::fs::copy(certs_dir.join("rbdvol.json"), &spec).unwrap();
     let name = unique("tlsvol");
     let mut guard = SpecGuard {
         spec: spec.clone(),
         volumes: vec![name.clone()],
     };
-    let (ok, out) = docker(&["volume", "create", "-d", &driver, "-o", "size=64M", &name]);
+    let (ok, out) = docker(&[
+        "volume",
+        "create",
+        "-d",
+        DOCKER_TLS_DRIVER,
+        "-o",
+        "size=64M",
+        &name,
+    ]);
     assert!(
         ok,
         "docker volume create over mutual TLS failed: {out}\n{}",
-        h.daemon.log()
+        d.log()
     );
     assert!(images_in("rbd").contains(&name));
     let (ok, out) = docker(&[
@@ -258,7 +309,8 @@ fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
     guard.volumes.clear();
     assert!(trashed_names("rbd").contains(&name));
 
-    // Without its client certificate dockerd is refused: nothing is created.
+    // Without its client certificate dockerd is refused: nothing is created. A refused
+    // activation is not cached by dockerd, so this name leaves nothing behind.
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&spec).unwrap()).unwrap();
     json["TLSConfig"]
@@ -266,18 +318,19 @@ fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
         .unwrap()
         .remove("CertFile");
     json["TLSConfig"].as_object_mut().unwrap().remove("KeyFile");
-    let driver2 = format!("{driver}-nocert");
+    let driver2 = format!("{DOCKER_TLS_DRIVER}-nocert");
     let spec2 = PathBuf::from(format!("/etc/docker/plugins/{driver2}.json"));
     std::fs::write(&spec2, json.to_string()).unwrap();
-    let refused = unique("tlsno");
     let _guard2 = SpecGuard {
         spec: spec2,
         volumes: Vec::new(),
     };
+    let refused = unique("tlsno");
     let (ok, out) = docker(&["volume", "create", "-d", &driver2, &refused]);
     assert!(
         !ok,
         "dockerd without a client certificate was served: {out}"
     );
+    assert!(out.contains("certificate"), "{out}");
     assert!(!images_in("rbd").contains(&refused));
 }

@@ -373,7 +373,11 @@ impl Attacher {
             .collect();
         if let Ok(mounts) = fs::mounts() {
             for m in mounts.iter().rev() {
-                if m.target.starts_with(&self.mount_root) && !tracked.contains(&m.target.as_path())
+                // The root itself may be a mount point (a managed plugin's propagatedMount,
+                // a bind): it is not ours to unmount, only what lies below it.
+                if m.target != self.mount_root
+                    && m.target.starts_with(&self.mount_root)
+                    && !tracked.contains(&m.target.as_path())
                 {
                     let r = fs::umount(&m.target).await;
                     tracing::warn!(mountpoint = %m.target.display(), result = ?r, "reconcile: unmounted an untracked mount");

@@ -519,10 +519,12 @@ impl Driver {
             .await?
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
         self.remember(&facts);
-        let started = std::time::Instant::now();
         let mut active = match self.attacher.attach(&facts).await {
             Ok(a) => a,
-            Err(e) => return Err(self.explain_mount_failure(name, e, started.elapsed()).await),
+            Err(e) => {
+                let waited = self.settings.lock.takeover_wait;
+                return Err(self.explain_mount_failure(name, e, waited).await);
+            }
         };
         active.refs = carried;
         active.add_ref(id, dockerd.as_deref());

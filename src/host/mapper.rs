@@ -340,6 +340,16 @@ pub fn detect() -> (MapperKind, String) {
             .unwrap_or_default()
     ))
     .unwrap_or_default();
+    // krbd and nbd are driven through the `rbd` tool; without it only userspace works.
+    let rbd_cli = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("rbd").is_file()))
+        .unwrap_or(false);
+    if !rbd_cli {
+        return (
+            MapperKind::Userspace,
+            "the `rbd` command (ceph-common) is not installed, which krbd and nbd need; using rbdvol's FUSE exporter with loop devices".into(),
+        );
+    }
     if Path::new("/sys/bus/rbd").exists() || modules.contains("/rbd.ko") {
         return (MapperKind::Krbd, "the kernel has the rbd module".into());
     }

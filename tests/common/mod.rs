@@ -83,6 +83,9 @@ pub struct DaemonOpts {
     pub env: Vec<(String, String)>,
     /// Network namespace to run in (a host with its own address), if any.
     pub netns: Option<String>,
+    /// Make the mount root a mount point of its own (like a managed plugin's
+    /// propagatedMount) before the daemon starts.
+    pub mount_root_is_a_mount: bool,
 }
 
 impl DaemonOpts {
@@ -93,6 +96,7 @@ impl DaemonOpts {
             ceph_conf: ceph_conf(),
             env: Vec::new(),
             netns: None,
+            mount_root_is_a_mount: false,
         }
     }
 
@@ -124,6 +128,17 @@ impl Daemon {
             .unwrap();
         // tempdir is 0700, so the socket dir is not world-writable.
         let socket = dir.path().join("rbdvol.sock");
+        if opts.mount_root_is_a_mount {
+            let root = dir.path().join("mounts");
+            std::fs::create_dir_all(&root).unwrap();
+            let st = Command::new("mount")
+                .arg("--bind")
+                .arg(&root)
+                .arg(&root)
+                .status()
+                .unwrap();
+            assert!(st.success(), "bind-mounting the mount root");
+        }
         let mut d = Daemon {
             dir,
             socket,
