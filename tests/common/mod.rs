@@ -86,6 +86,8 @@ pub struct DaemonOpts {
     /// Make the mount root a mount point of its own (like a managed plugin's
     /// propagatedMount) before the daemon starts.
     pub mount_root_is_a_mount: bool,
+    /// Serve this socket path instead of one in the daemon's temp dir.
+    pub socket: Option<PathBuf>,
 }
 
 impl DaemonOpts {
@@ -97,6 +99,7 @@ impl DaemonOpts {
             env: Vec::new(),
             netns: None,
             mount_root_is_a_mount: false,
+            socket: None,
         }
     }
 
@@ -127,7 +130,10 @@ impl Daemon {
             .tempdir()
             .unwrap();
         // tempdir is 0700, so the socket dir is not world-writable.
-        let socket = dir.path().join("rbdvol.sock");
+        let socket = opts
+            .socket
+            .clone()
+            .unwrap_or_else(|| dir.path().join("rbdvol.sock"));
         if opts.mount_root_is_a_mount {
             let root = dir.path().join("mounts");
             std::fs::create_dir_all(&root).unwrap();
