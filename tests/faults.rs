@@ -211,3 +211,137 @@ fn a_volume_mounted_on_one_host_is_never_removed_from_another() {
         assert_eq!(a.leftovers(), Vec::<String>::new(), "round {round}");
     }
 }
+
+impl OwnCluster {
+    fn osd_pid(&self) -> i32 {
+        std::fs::read_to_string(self.dir.join("run/osd.0.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Resumes a frozen OSD even if the test fails half-way.
+struct Thaw(i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+#[test]
+fn a_stalled_osd_blocks_only_the_io_that_needs_it() {
+    let cluster = OwnCluster::up();
+    let mut opts = DaemonOpts::host("host-osd").env("RBDVOL_CEPH__OP_TIMEOUT", "3s");
+    opts.ceph_conf = cluster.conf.clone();
+    opts.pools = vec!["rbd".into()];
+    let d = Daemon::start(opts);
+    let (busy, other) = (unique("osd-busy"), unique("osd-other"));
+    d.create(&busy, r#"{"size":"64M"}"#);
+    d.create(&other, r#"{"size":"64M"}"#);
+    let mp = d.mount(&busy, &mount_id(1));
+    d.get(&other);
+
+    let osd = cluster.osd_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(osd),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let thaw = Thaw(osd);
+    // A container writing to the volume now waits on the cluster…
+    let file = mp.join("during-stall");
+    let writer = std::thread::spawn(move || {
+        std::fs::write(&file, b"written across a stall")?;
+        std::fs::File::open(&file)?.sync_all()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !writer.is_finished(),
+        "the write should be waiting for the stalled OSD"
+    );
+
+    // …while the plugin keeps answering Docker.
+    let started = Instant::now();
+    d.ok("VolumeDriver.Capabilities", "{}");
+    let path = d.ok("VolumeDriver.Path", &format!(r#"{{"Name":"{busy}"}}"#));
+    assert_eq!(path["Mountpoint"], mp.display().to_string());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "Path waited on the cluster"
+    );
+    for name in [&busy, &other] {
+        let t = Instant::now();
+        let got = d.get(name);
+        assert_eq!(got["Volume"]["Name"], name.as_str(), "{got}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "Get took {:?}",
+            t.elapsed()
+        );
+    }
+
+    // The OSD comes back: the stalled write completes and nothing was lost.
+    drop(thaw);
+    let result = writer.join().unwrap();
+    assert!(
+        result.is_ok(),
+        "the write failed after the OSD came back: {result:?}"
+    );
+    d.unmount(&busy, &mount_id(1));
+    let mp = d.mount(&busy, &mount_id(2));
+    assert_eq!(
+        std::fs::read(mp.join("during-stall")).unwrap(),
+        b"written across a stall"
+    );
+    d.unmount(&busy, &mount_id(2));
+}
+
+#[test]
+fn the_keyring_secret_is_never_logged_and_a_readable_keyring_is_flagged() {
+    use std::os::unix::fs::PermissionsExt;
+    let keyring_src = ceph_conf().parent().unwrap().join("keyring");
+    let text = std::fs::read_to_string(&keyring_src).unwrap();
+    let secrets: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("key = ").map(str::to_string))
+        .collect();
+    assert!(
+        !secrets.is_empty(),
+        "no key found in {}",
+        keyring_src.display()
+    );
+    // A world-readable copy of the keyring, named explicitly.
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring");
+    std::fs::write(&keyring, &text).unwrap();
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let d = Daemon::start(
+        DaemonOpts::host("host-secret")
+            // The fixture logs at debug level.
+            .env("RBDVOL_CEPH__KEYRING", keyring.to_str().unwrap()),
+    );
+    let name = unique("secret");
+    d.create(&name, r#"{"size":"64M"}"#);
+    d.get(&name);
+    d.ok("VolumeDriver.List", "{}");
+    let mp = d.mount(&name, &mount_id(1));
+    assert!(is_mountpoint(&mp));
+    d.unmount(&name, &mount_id(1));
+    let log = d.log();
+    assert!(
+        log.contains("world-readable"),
+        "no warning about the readable keyring:\n{log}"
+    );
+    for s in &secrets {
+        assert!(
+            !log.contains(s.as_str()),
+            "the keyring secret appears in the log"
+        );
+    }
+}
