@@ -185,6 +185,7 @@ impl Attacher {
         let device = &mapping.device;
         let found = fs::probe(device).await?;
         let marker = facts.meta.get("formatted").map(String::as_str);
+        let mut marks: Vec<(&'static str, Option<String>)> = Vec::new();
         let fstype = match decide(name, &found, marker, read_only) {
             FormatDecision::Refuse(why) => return Err(Error::NotSupported(why)),
             FormatDecision::Mount { fstype } => {
@@ -212,16 +213,18 @@ impl Attacher {
                 let fresh = created_by_rbdvol && !facts.meta.contains_key("first-mapped");
                 tracing::info!(volume = name, fstype = %declared, fresh, "volume is blank: formatting");
                 fs::mkfs(&declared, &meta("mkfs-options"), fresh, device).await?;
-                let marker = format!("{declared} by {} at {}", self.host_id, now());
                 crash_point("mount:after-mkfs");
-                self.set_meta(facts, vec![("formatted", Some(marker))])
-                    .await?;
+                let marker = format!("{declared} by {} at {}", self.host_id, now());
+                marks.push(("formatted", Some(marker)));
                 declared
             }
         };
         if !facts.meta.contains_key("first-mapped") {
-            self.set_meta(facts, vec![("first-mapped", Some(now()))])
-                .await?;
+            marks.push(("first-mapped", Some(now())));
+        }
+        // One metadata update for both marks (each opens the image).
+        if !marks.is_empty() {
+            self.set_meta(facts, marks).await?;
         }
         let options = fs::mount_options(&fstype, &meta("mount-options"), read_only);
         fs::mount(device, mountpoint, &fstype, &options).await?;

@@ -44,6 +44,9 @@ pub struct Exporters {
 }
 
 const STOP_GRACE: Duration = Duration::from_secs(20);
+/// How often a start or stop checks on the exporter: it serves within ~50 ms, so a
+/// coarse poll would be most of a re-Mount's time.
+const POLL: Duration = Duration::from_millis(5);
 
 impl Exporters {
     fn volume_dir(&self, req: &MapRequest) -> PathBuf {
@@ -187,7 +190,7 @@ impl Exporters {
                     after: req.lock_wait + Duration::from_secs(20),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -199,7 +202,7 @@ impl Exporters {
             signal(pid, nix::sys::signal::Signal::SIGTERM);
             let until = Instant::now() + STOP_GRACE;
             while self.is_ours(req, pid) && Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                tokio::time::sleep(POLL).await;
             }
             if self.is_ours(req, pid) {
                 tracing::warn!(pid, image = %req.image, "exporter did not stop in time; killing it");
@@ -213,15 +216,17 @@ impl Exporters {
     /// and state file behind; both go before a new start.
     async fn clear_leftovers(&self, req: &MapRequest) {
         let fuse = self.fuse_dir(req);
-        // Loop devices first: once the FUSE mount is lazily detached, their backing
-        // path no longer resolves and they could not be found any more.
-        if let Ok(devices) = super::loopdev::backing(&self.image_file(req)).await {
-            for d in devices {
-                let r = super::loopdev::detach(&d).await;
-                tracing::info!(device = %d.display(), result = ?r, "detached a leftover loop device");
-            }
-        }
+        // Nothing can be left on an image file whose FUSE mount is gone: the common,
+        // clean case costs one read of the mount table.
         if matches!(super::fs::mounted_at(&fuse), Ok(Some(_))) {
+            // Loop devices first: once the FUSE mount is lazily detached, their backing
+            // path no longer resolves and they could not be found any more.
+            if let Ok(devices) = super::loopdev::backing(&self.image_file(req)).await {
+                for d in devices {
+                    let r = super::loopdev::detach(&d).await;
+                    tracing::info!(device = %d.display(), result = ?r, "detached a leftover loop device");
+                }
+            }
             let r = super::command::run(
                 "umount",
                 ["-l".as_ref(), fuse.as_os_str()],
