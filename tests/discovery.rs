@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::*;
 
@@ -14,18 +13,6 @@ use common::*;
 /// name and socket path on a machine, one run at a time.
 const DRIVER: &str = "rbdvol-e2e-spec";
 const SOCKET_DIR: &str = "/run/rbdvol-e2e-spec";
-
-fn docker(args: &[&str]) -> (bool, String) {
-    let out = Command::new("timeout")
-        .args(["-k", "5", "120", "docker"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
 
 #[test]
 fn dockerd_finds_the_plugin_through_a_spec_file() {

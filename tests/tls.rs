@@ -192,18 +192,6 @@ fn docker_available() -> Result<(), String> {
     }
 }
 
-fn docker(args: &[&str]) -> (bool, String) {
-    let out = Command::new("timeout")
-        .args(["-k", "5", "120", "docker"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 /// Removes the volumes this test created and the plugin spec, so a vanished plugin
 /// never leaves Docker records behind (they would stall later `docker volume ls`).
 /// Only the test's own volumes: List shows the whole pool, other tests' volumes too.

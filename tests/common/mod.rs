@@ -643,3 +643,16 @@ pub fn blocklist() -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
+
+/// Runs the docker CLI with a deadline; returns (ok, stdout+stderr).
+pub fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("timeout")
+        .args(["-k", "5", "120", "docker"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
