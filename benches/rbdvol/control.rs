@@ -82,11 +82,8 @@ fn floor_create(r: &Rados, name: &str) -> R<()> {
 }
 
 fn floor_remove(r: &Rados, name: &str, how: Disposal) -> R<()> {
-    let pools = [POOL.to_string()];
-    match images::find_pool(r, &pools, name).map_err(|e| e.to_string())? {
-        Some(p) => images::remove(r, &p, name, how).map_err(|e| e.to_string()),
-        None => Err(format!("{name} not found")),
-    }
+    // The same single call the daemon's Remove makes.
+    images::remove(r, &[POOL.to_string()], name, how).map_err(|e| e.to_string())
 }
 
 fn floor_cycle(r: &Rados, name: &str, s: &mut BTreeMap<&'static str, Samples>) -> R<()> {
@@ -195,7 +192,7 @@ pub fn run(env: &Env, main: &Plugin, sec: &mut Section) -> R<()> {
          daemon's socket, requests shaped like dockerd's; the daemon runs with \
          `remove.policy = delete`, so all three paths delete. Floor: the same librbd calls the \
          daemon makes (`ceph::images::describe` + `create` with the same metadata, `describe`, \
-         `list`, `find_pool` + `remove`) on an already open connection, in this process. CLI: one \
+         `list`, `remove`) on an already open connection, in this process. CLI: one \
          fresh process per call: `rbd create --size 1G --image-feature layering --image-feature \
          exclusive-lock`, `rbd info`, `rbd ls`, `rbd rm`. The pool holds only the volume under test. \
          Note that the plugin's (and the floor's) Create does more than `rbd create`: it first \

@@ -78,19 +78,11 @@ fn is_enoent(e: &Errno) -> bool {
     e.0 == libc::ENOENT
 }
 
-/// The pool holding `name`, searching `pools` in order; `None` if no pool has it.
-pub fn find_pool(rados: &Rados, pools: &[String], name: &str) -> Result<Option<String>> {
+/// Facts of `name` from the first of `pools` that holds it; `None` if none does.
+pub fn describe_in(rados: &Rados, pools: &[String], name: &str) -> Result<Option<ImageFacts>> {
     for pool in pools {
-        let io = match rados.pool(pool) {
-            Ok(io) => io,
-            Err(e) if is_enoent(&e) => continue,
-            Err(e) => return Err(ceph_err(format!("opening pool {pool}"), e)),
-        };
-        let opened = io.open_read_only(name).map(drop);
-        match opened {
-            Ok(()) => return Ok(Some(pool.clone())),
-            Err(e) if is_enoent(&e) => continue,
-            Err(e) => return Err(ceph_err(format!("opening image {pool}/{name}"), e)),
+        if let Some(f) = describe(rados, pool, name)? {
+            return Ok(Some(f));
         }
     }
     Ok(None)
@@ -219,12 +211,14 @@ pub enum Disposal {
     Delete,
 }
 
-/// Trashes or deletes an idle image. Refuses while anyone holds it; an image that is
-/// already gone counts as removed.
-pub fn remove(rados: &Rados, pool: &str, name: &str, how: Disposal) -> Result<()> {
-    let Some(facts) = describe(rados, pool, name)? else {
+/// Trashes or deletes an idle image, searching `pools` in order. Refuses while anyone
+/// holds it; an image that is already gone counts as removed.
+pub fn remove(rados: &Rados, pools: &[String], name: &str, how: Disposal) -> Result<()> {
+    // Describing the image is also the search for its pool.
+    let Some(facts) = describe_in(rados, pools, name)? else {
         return Ok(());
     };
+    let pool = facts.pool.as_str();
     if let Some(holder) = facts.holder() {
         return Err(Error::InUse {
             name: name.to_string(),

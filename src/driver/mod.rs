@@ -168,12 +168,7 @@ impl Driver {
         let n = name.to_string();
         self.cluster
             .run("reading volume", SHORT_DEADLINE, move |r| {
-                for pool in &pools {
-                    if let Some(f) = images::describe(r, pool, &n)? {
-                        return Ok(Some(f));
-                    }
-                }
-                Ok(None)
+                images::describe_in(r, &pools, &n)
             })
             .await
     }
@@ -434,14 +429,9 @@ impl Driver {
         let pools = self.search_order(name);
         let n = name.to_string();
         self.cluster
-            .run(
-                "removing volume",
-                SHORT_DEADLINE,
-                move |r| match images::find_pool(r, &pools, &n)? {
-                    Some(pool) => images::remove(r, &pool, &n, disposal),
-                    None => Ok(()),
-                },
-            )
+            .run("removing volume", SHORT_DEADLINE, move |r| {
+                images::remove(r, &pools, &n, disposal)
+            })
             .await?;
         self.forget(name);
         tracing::info!(volume = name, how = ?disposal, "removed volume");

@@ -115,10 +115,9 @@ pub fn list(rados: &Rados, pools: &[String]) -> Result<Vec<LockRow>> {
 /// instance first (`rbd_blocklist_on_break_lock`), so the holder can never write to
 /// the volume again; only then is the lock gone. Returns what was done, in words.
 pub fn break_lock(rados: &Rados, pools: &[String], volume: &str) -> Result<String> {
-    let pool = images::find_pool(rados, pools, volume)?
+    let facts = images::describe_in(rados, pools, volume)?
         .ok_or_else(|| Error::NotFound(volume.to_string()))?;
-    let facts = images::describe(rados, &pool, volume)?
-        .ok_or_else(|| Error::NotFound(volume.to_string()))?;
+    let pool = facts.pool.clone();
     if let Some(l) = facts.advisory_locks.first() {
         return Err(Error::NotSupported(format!(
             "volume {volume} has an advisory lock by {} at {} (cookie {:?}), which rbdvol never takes; remove it with `rbd lock rm {pool}/{volume} {:?} {}`",
