@@ -75,6 +75,12 @@ pub struct MapSettings {
     /// "auto" (krbd if the kernel has it, else nbd, else userspace), "krbd", "nbd" or
     /// "userspace".
     pub mapper: String,
+    /// A volume whose remaining references are all at least this old, and whose
+    /// filesystem no container's mount namespace holds, is released (references that
+    /// Docker will never Unmount: a Mount whose answer it never got, a dockerd crash).
+    /// Younger references may belong to a container that is still starting.
+    #[serde(with = "humantime_serde")]
+    pub orphan_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +108,7 @@ impl Default for MapSettings {
     fn default() -> Self {
         MapSettings {
             mapper: "auto".into(),
+            orphan_grace: Duration::from_secs(60),
         }
     }
 }
@@ -267,6 +274,12 @@ impl Settings {
                 self.map.mapper
             )));
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(100)).contains(&self.map.orphan_grace) {
+            return Err(Error::Config(format!(
+                "map.orphan_grace {}: use 1s to 100s (default 60s); orphaned volumes must be released within 2 minutes of Docker's last Unmount",
+                humantime::format_duration(self.map.orphan_grace)
+            )));
+        }
         if self.lock.takeover_wait > Duration::from_secs(100) {
             return Err(Error::Config(
                 "lock.takeover_wait must stay under 100s: Docker abandons a Mount after 2 minutes"
@@ -285,6 +298,24 @@ impl Settings {
                 "log.format {:?}: use \"text\" or \"json\"",
                 self.log.format
             )));
+        }
+        Ok(())
+    }
+
+    /// Resolves `state_dir` and `mount_root` to real paths, creating them. Done once at
+    /// start: the kernel names mounts and loop devices' backing files by real path, and
+    /// a path through a symlink (`/var/lib` on another disk) would make a live mount
+    /// look gone, and be torn down under its containers.
+    pub fn resolve_paths(&mut self) -> Result<()> {
+        for dir in [&mut self.state_dir, &mut self.mount_root] {
+            std::fs::create_dir_all(&*dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let real = std::fs::canonicalize(&*dir)
+                .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+            if real != *dir {
+                tracing::info!(configured = %dir.display(), real = %real.display(), "using the real path of a configured directory");
+                *dir = real;
+            }
         }
         Ok(())
     }
@@ -320,6 +351,38 @@ mod tests {
         std::fs::write(&path, "sockett = \"/x\"\n").unwrap();
         let err = Settings::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn configured_directories_are_resolved_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("disk2");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("lib")).unwrap();
+        let mut s = Settings {
+            mount_root: dir.path().join("lib/mounts"),
+            state_dir: dir.path().join("lib/state"),
+            ..Settings::default()
+        };
+        s.resolve_paths().unwrap();
+        let real = real.canonicalize().unwrap();
+        assert_eq!(s.mount_root, real.join("mounts"));
+        assert_eq!(s.state_dir, real.join("state"));
+    }
+
+    #[test]
+    fn orphan_grace_stays_inside_dockers_limits() {
+        let mut s = Settings::default();
+        s.map.orphan_grace = Duration::from_secs(0);
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("orphan_grace"));
+        s.map.orphan_grace = Duration::from_secs(101);
+        assert!(s.validate().is_err());
+        s.map.orphan_grace = Duration::from_secs(5);
+        s.validate().unwrap();
     }
 
     #[test]

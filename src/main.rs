@@ -61,6 +61,11 @@ fn warn_if_keyring_is_readable(settings: &Settings) {
 async fn serve(args: &ServeArgs) -> Result<()> {
     let settings = args.settings()?;
     init_logging(&settings);
+    let settings = {
+        let mut s = (*settings).clone();
+        s.resolve_paths()?;
+        Arc::new(s)
+    };
     let (major, minor, extra) = ceph::sys::librbd_version();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -93,6 +98,14 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         loop {
             tick.tick().await;
             watcher.check_fencing(None).await;
+        }
+    });
+    let sweeper = driver.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweeper.orphan_sweep_period());
+        loop {
+            tick.tick().await;
+            sweeper.release_orphans().await;
         }
     });
     // One shutdown signal for every listener.

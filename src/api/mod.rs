@@ -153,7 +153,7 @@ async fn handle(
     let span = tracing::info_span!("req", id, endpoint = %path);
     async move {
         let started = std::time::Instant::now();
-        let reply = answer(&driver, req, &path).await;
+        let reply = answer(driver, req, &path).await;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match reply {
             Reply::Json(status, value) => {
@@ -167,7 +167,7 @@ async fn handle(
     .await
 }
 
-async fn answer(driver: &Driver, req: Request<Incoming>, path: &str) -> Reply {
+async fn answer(driver: Arc<Driver>, req: Request<Incoming>, path: &str) -> Reply {
     if req.method() != Method::POST {
         return Reply::Json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -190,5 +190,20 @@ async fn answer(driver: &Driver, req: Request<Incoming>, path: &str) -> Reply {
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    router::dispatch(driver, path, &body).await
+    // The work runs in a task of its own: when the client goes away (Docker drops the
+    // connection at its deadline), hyper drops this future, but a Mount half done -
+    // an exporter holding the lock, a loop device, a mount - must run to completion
+    // (or undo itself) rather than be cut off with nothing recorded. What it leaves
+    // referenced that no container uses is released as an orphan.
+    let path = path.to_string();
+    let span = tracing::Span::current();
+    let work =
+        tokio::spawn(async move { router::dispatch(&driver, &path, &body).await }.instrument(span));
+    match work.await {
+        Ok(reply) => reply,
+        Err(e) => Reply::Json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({ "Err": format!("the request failed inside rbdvol: {e}; see the daemon log") }),
+        ),
+    }
 }

@@ -8,14 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::refs::{ActiveVolume, RefTable};
+use super::reconcile::Intents;
+use super::refs::ActiveVolume;
 use crate::ceph::images::{self, ImageFacts};
 use crate::ceph::Cluster;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::host::exporter_proc::Exporters;
-use crate::host::fs::{self, Probe};
+use crate::host::fs::{self, Content, Probe};
 use crate::host::mapper::{Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace};
+use crate::host::usage::{self, OwnMount};
 
 /// Filesystems rbdvol mounts when it finds them (it formats only ext4 and xfs).
 const MOUNTABLE: &[&str] = &["ext4", "ext3", "ext2", "xfs"];
@@ -28,16 +30,29 @@ pub enum FormatDecision {
     Refuse(String),
 }
 
-/// Formats only a device that shows no signature at all AND has never been formatted
-/// by rbdvol (the `rbdvol.formatted` marker). Everything else is mounted as found or
-/// refused: nothing the user wrote is ever overwritten.
+/// Formats only a device on which every independent signal says "blank": `blkid -p`
+/// found no signature, rbdvol's own read of its first and last MiB succeeded and found
+/// only zeros, and it carries no `rbdvol.formatted` marker (the allocation map is the
+/// caller's further check). Everything else is mounted as found or refused: nothing
+/// the user wrote is ever overwritten.
 pub fn decide(
     volume: &str,
     probe: &Probe,
+    content: &Content,
     marker: Option<&str>,
     read_only: bool,
 ) -> FormatDecision {
     match (probe, marker) {
+        (Probe::Blank, _) if !matches!(content, Content::Zeros) => {
+            FormatDecision::Refuse(match content {
+                Content::Unreadable(why) => format!(
+                    "volume {volume} could not be read ({why}), so rbdvol cannot tell whether it holds data; it was left untouched. Check the cluster's health (`ceph -s`) and the host's kernel log, then mount it again"
+                ),
+                _ => format!(
+                    "volume {volume} holds data that no filesystem signature explains; rbdvol will not format it, so nothing is lost. Inspect it (e.g. `rbd export` it and look at the copy)"
+                ),
+            })
+        }
         (Probe::Blank, None) if read_only => FormatDecision::Refuse(format!(
             "volume {volume} has no filesystem yet and is read-only, so there is nothing to mount; use it writable once to format it"
         )),
@@ -99,6 +114,10 @@ pub struct Attacher {
     pub mount_root: PathBuf,
     pub host_id: String,
     pub takeover_wait: Duration,
+    /// The configured pools: kernel mappings of other pools are never ours.
+    pub pools: Vec<String>,
+    /// Kernel maps under way, so a crash's leftover mapping can be told from others.
+    pub intents: Intents,
 }
 
 fn now() -> String {
@@ -110,7 +129,13 @@ impl Attacher {
         self.mount_root.join(pool).join(name)
     }
 
-    fn request(&self, pool: &str, name: &str, read_only: bool, features: u64) -> MapRequest {
+    pub(super) fn request(
+        &self,
+        pool: &str,
+        name: &str,
+        read_only: bool,
+        features: u64,
+    ) -> MapRequest {
         MapRequest {
             pool: pool.to_string(),
             image: name.to_string(),
@@ -140,7 +165,19 @@ impl Attacher {
             fs::umount(&mountpoint).await?;
         }
         let mapper = self.mappers.get(self.mappers.chosen);
-        let mapping = mapper.map(&req).await?;
+        let kernel = mapper.kind() != MapperKind::Userspace;
+        if kernel {
+            self.intents.begin(&facts.pool, name)?;
+        }
+        let mapping = match mapper.map(&req).await {
+            Ok(m) => m,
+            Err(e) => {
+                if kernel {
+                    self.intents.end(&facts.pool, name);
+                }
+                return Err(e);
+            }
+        };
         tracing::info!(volume = name, device = %mapping.device.display(), mapper = mapping.kind.name(), "mapped");
         crash_point("mount:after-map");
         match self
@@ -162,8 +199,11 @@ impl Attacher {
                 if matches!(fs::mounted_at(&mountpoint), Ok(Some(_))) {
                     let _ = fs::umount(&mountpoint).await;
                 }
-                if let Err(undo) = mapper.unmap(&req, &mapping).await {
-                    tracing::error!(volume = name, error = %undo, "could not unmap after a failed mount");
+                match mapper.unmap(&req, &mapping).await {
+                    Ok(()) => self.intents.end(&facts.pool, name),
+                    Err(undo) => {
+                        tracing::error!(volume = name, error = %undo, "could not unmap after a failed mount")
+                    }
                 }
                 Err(e)
             }
@@ -184,9 +224,14 @@ impl Attacher {
             .unwrap_or_else(|| "ext4".into());
         let device = &mapping.device;
         let found = fs::probe(device).await?;
+        // Only a probe that found nothing needs the second opinion.
+        let content = match found {
+            Probe::Blank => fs::sample(device).await,
+            _ => Content::Zeros,
+        };
         let marker = facts.meta.get("formatted").map(String::as_str);
         let mut marks: Vec<(&'static str, Option<String>)> = Vec::new();
-        let fstype = match decide(name, &found, marker, read_only) {
+        let fstype = match decide(name, &found, &content, marker, read_only) {
             FormatDecision::Refuse(why) => return Err(Error::NotSupported(why)),
             FormatDecision::Mount { fstype } => {
                 if fstype != declared {
@@ -196,21 +241,27 @@ impl Attacher {
                 // the read-only mount itself fail, with the kernel's reason.
                 if !read_only {
                     fs::preen(&fstype, device).await?;
+                    // A filesystem is there: say so on the image, so that losing it later
+                    // (a wiped superblock, a failing read) is refused, never formatted.
+                    if marker.is_none() {
+                        let found = format!("{fstype} found by {} at {}", self.host_id, now());
+                        marks.push(("formatted", Some(found)));
+                    }
                 }
                 fstype
             }
             FormatDecision::Format => {
-                let created_by_rbdvol = facts.meta.contains_key("created-at");
-                // An image from elsewhere may hold raw data no probe recognises (a
-                // database's raw device, an encrypted blob): format it only if nothing
-                // was ever written to it.
-                if !created_by_rbdvol && self.has_data(facts).await? {
+                // Only an image rbdvol created and never mapped before is known to hold
+                // nothing. Any other may hold raw data no probe recognises (a
+                // database's raw device, an encrypted blob) or lost its marker: format
+                // it only if nothing was ever written to it.
+                let fresh = facts.meta.contains_key("created-at")
+                    && !facts.meta.contains_key("first-mapped");
+                if !fresh && self.has_data(facts).await? {
                     return Err(Error::NotSupported(format!(
-                        "volume {name} was not created by rbdvol and holds data that no filesystem signature explains; rbdvol will not format it. If it really is disposable, `rbd rm` it and create the volume with docker volume create"
+                        "volume {name} holds data that no filesystem signature explains (it was written to, but shows no filesystem); rbdvol will not format it. If it really is disposable, `rbd rm` it and create the volume with docker volume create"
                     )));
                 }
-                // Only an image rbdvol created and never mapped before is known to be zeros.
-                let fresh = created_by_rbdvol && !facts.meta.contains_key("first-mapped");
                 tracing::info!(volume = name, fstype = %declared, fresh, "volume is blank: formatting");
                 fs::mkfs(&declared, &meta("mkfs-options"), fresh, device).await?;
                 crash_point("mount:after-mkfs");
@@ -309,6 +360,20 @@ impl Attacher {
         }
     }
 
+    /// What on this host still uses the volume's filesystem (or, when it is not
+    /// mounted, its device), besides rbdvol's own mount; see [`usage`].
+    pub fn uses(&self, v: &ActiveVolume) -> Vec<String> {
+        match fs::mounted_at(&v.mountpoint) {
+            Ok(Some(entry)) => usage::uses(&OwnMount::from_entry(&entry))
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
+            Ok(None) => usage::device_users(&v.mapping.device),
+            // Not knowing is not "unused".
+            Err(e) => vec![format!("unknown: {e}")],
+        }
+    }
+
     pub async fn health(&self, name: &str, v: &ActiveVolume) -> Health {
         if !matches!(fs::mounted_at(&v.mountpoint), Ok(Some(_))) {
             return Health::Gone;
@@ -319,102 +384,6 @@ impl Attacher {
             .health(&req, &v.mapping)
             .await
     }
-
-    /// After a start: adopts what is still consistent (mounted, mapped, referenced),
-    /// releases everything else this plugin owns, and logs each decision.
-    pub async fn reconcile(&self, table: &mut RefTable) {
-        let names: Vec<String> = table.volumes.keys().cloned().collect();
-        for name in names {
-            let v = table.volumes[&name].clone();
-            let health = self.health(&name, &v).await;
-            match health {
-                Health::Serving if v.total_refs() > 0 => {
-                    tracing::info!(volume = %name, refs = v.total_refs(), mountpoint = %v.mountpoint.display(), "reconcile: adopted a mounted volume");
-                }
-                Health::Fenced if v.total_refs() > 0 => {
-                    tracing::error!(volume = %name, "reconcile: volume is fenced on this host (another host owns it); refusing new mounts until its last unmount");
-                    if let Some(rec) = table.volumes.get_mut(&name) {
-                        rec.fenced = true;
-                    }
-                }
-                _ => {
-                    tracing::warn!(volume = %name, health = ?health, refs = v.total_refs(), "reconcile: releasing a volume that is no longer consistently mounted");
-                    if matches!(fs::mounted_at(&v.mountpoint), Ok(Some(_))) {
-                        if let Err(e) = fs::umount(&v.mountpoint).await {
-                            tracing::error!(volume = %name, error = %e, "reconcile: cannot unmount; keeping the record");
-                            continue;
-                        }
-                    }
-                    let req = self.request_for(&name, &v);
-                    if let Err(e) = self
-                        .mappers
-                        .get(v.mapping.kind)
-                        .unmap(&req, &v.mapping)
-                        .await
-                    {
-                        tracing::error!(volume = %name, error = %e, "reconcile: cannot unmap; keeping the record");
-                        continue;
-                    }
-                    let _ = std::fs::remove_dir(&v.mountpoint);
-                    table.volumes.remove(&name);
-                }
-            }
-        }
-        self.release_untracked(table).await;
-        if let Err(e) = table.save() {
-            tracing::error!(error = %e, "reconcile: cannot save the reference table");
-        }
-    }
-
-    /// Mounts under the plugin's root and exporters that no record claims: a crash in
-    /// the middle of a Mount (Docker got no answer, so no container uses them).
-    async fn release_untracked(&self, table: &RefTable) {
-        let tracked: Vec<&Path> = table
-            .volumes
-            .values()
-            .map(|v| v.mountpoint.as_path())
-            .collect();
-        if let Ok(mounts) = fs::mounts() {
-            for m in mounts.iter().rev() {
-                // The root itself may be a mount point (a managed plugin's propagatedMount,
-                // a bind): it is not ours to unmount, only what lies below it.
-                if m.target != self.mount_root
-                    && m.target.starts_with(&self.mount_root)
-                    && !tracked.contains(&m.target.as_path())
-                {
-                    let r = fs::umount(&m.target).await;
-                    tracing::warn!(mountpoint = %m.target.display(), result = ?r, "reconcile: unmounted an untracked mount");
-                }
-            }
-        }
-        for (pool, image) in self.mappers.exporters().known() {
-            let claimed = table.volumes.iter().any(|(n, v)| {
-                *n == image && v.pool == pool && v.mapping.kind == MapperKind::Userspace
-            });
-            if claimed {
-                continue;
-            }
-            let req = self.request(&pool, &image, false, 0);
-            let unused = Mapping {
-                kind: MapperKind::Userspace,
-                device: PathBuf::new(),
-                exporter_pid: None,
-            };
-            match self
-                .mappers
-                .get(MapperKind::Userspace)
-                .unmap(&req, &unused)
-                .await
-            {
-                Ok(()) => {
-                    tracing::warn!(pool = %pool, image = %image, "reconcile: stopped an untracked exporter")
-                }
-                Err(e) => {
-                    tracing::error!(pool = %pool, image = %image, error = %e, "reconcile: cannot stop an untracked exporter")
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -424,7 +393,7 @@ mod tests {
     #[test]
     fn only_a_blank_never_formatted_writable_volume_is_formatted() {
         assert_eq!(
-            decide("v", &Probe::Blank, None, false),
+            decide("v", &Probe::Blank, &Content::Zeros, None, false),
             FormatDecision::Format
         );
         for (probe, marker, ro) in [
@@ -436,7 +405,10 @@ mod tests {
             (Probe::Ambivalent, None, false),
         ] {
             assert!(
-                matches!(decide("v", &probe, marker, ro), FormatDecision::Refuse(_)),
+                matches!(
+                    decide("v", &probe, &Content::Zeros, marker, ro),
+                    FormatDecision::Refuse(_)
+                ),
                 "{probe:?} {marker:?} {ro}"
             );
         }
@@ -445,7 +417,13 @@ mod tests {
     #[test]
     fn existing_filesystems_are_mounted_as_found() {
         assert_eq!(
-            decide("v", &Probe::Signature("xfs".into()), None, false),
+            decide(
+                "v",
+                &Probe::Signature("xfs".into()),
+                &Content::Zeros,
+                None,
+                false
+            ),
             FormatDecision::Mount {
                 fstype: "xfs".into()
             }
@@ -454,6 +432,7 @@ mod tests {
             decide(
                 "v",
                 &Probe::Signature("ext4".into()),
+                &Content::Zeros,
                 Some("ext4 by a"),
                 true
             ),
@@ -465,23 +444,64 @@ mod tests {
 
     #[test]
     fn refusals_say_that_nothing_was_touched() {
-        let FormatDecision::Refuse(why) =
-            decide("pg", &Probe::Blank, Some("ext4 by a at t"), false)
-        else {
+        let FormatDecision::Refuse(why) = decide(
+            "pg",
+            &Probe::Blank,
+            &Content::Zeros,
+            Some("ext4 by a at t"),
+            false,
+        ) else {
             panic!()
         };
         assert!(
             why.contains("will not format") && why.contains("pg"),
             "{why}"
         );
-        let FormatDecision::Refuse(why) =
-            decide("pg", &Probe::PartitionTable("dos".into()), None, false)
-        else {
+        let FormatDecision::Refuse(why) = decide(
+            "pg",
+            &Probe::PartitionTable("dos".into()),
+            &Content::Zeros,
+            None,
+            false,
+        ) else {
             panic!()
         };
         assert!(
             why.contains("dos partition table") && why.contains("untouched"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn a_probe_that_found_nothing_is_not_enough_to_format() {
+        // blkid exits 2 both for "nothing" and for "could not read": the read of the
+        // device's ends must have succeeded and found zeros.
+        let unreadable = Content::Unreadable("reading /dev/loop3: Input/output error".into());
+        let FormatDecision::Refuse(why) = decide("pg", &Probe::Blank, &unreadable, None, false)
+        else {
+            panic!("an unreadable device was formatted")
+        };
+        assert!(
+            why.contains("could not be read") && why.contains("untouched"),
+            "{why}"
+        );
+        let FormatDecision::Refuse(why) = decide("pg", &Probe::Blank, &Content::Data, None, false)
+        else {
+            panic!("a device with data was formatted")
+        };
+        assert!(why.contains("will not format"), "{why}");
+        // Signatures are mounted as found; the content sample is not consulted.
+        assert_eq!(
+            decide(
+                "pg",
+                &Probe::Signature("ext4".into()),
+                &unreadable,
+                None,
+                false
+            ),
+            FormatDecision::Mount {
+                fstype: "ext4".into()
+            }
         );
     }
 }

@@ -4,12 +4,15 @@
 //! for known volumes while the cluster is unreachable.
 
 pub mod attach;
+mod mounts;
 pub mod names;
 pub mod options;
+mod orphans;
+mod reconcile;
 pub mod refs;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -21,7 +24,7 @@ use crate::ceph::Cluster;
 use crate::config::{RemovePolicy, Settings};
 use crate::error::{Error, Result};
 use crate::host::exporter_proc::Exporters;
-use crate::host::mapper::{self, Health, MapperKind};
+use crate::host::mapper::{self, MapperKind};
 use crate::units::format_size;
 use attach::{Attacher, Mappers};
 use options::{features_to_names, VolumeOptions};
@@ -56,6 +59,9 @@ pub struct Driver {
     attacher: Attacher,
     /// Volumes mounted on this host. Never held across an await.
     table: Mutex<RefTable>,
+    /// Whether every process (so every container's mounts) is visible here: orphaned
+    /// references are released only when it is.
+    sees_all_processes: bool,
 }
 
 impl Driver {
@@ -85,7 +91,15 @@ impl Driver {
             mount_root: settings.mount_root.clone(),
             host_id: host_id.clone(),
             takeover_wait: settings.lock.takeover_wait,
+            pools: settings.ceph.pools.clone(),
+            intents: reconcile::Intents {
+                dir: settings.state_dir.join("intents"),
+            },
         };
+        let sees_all_processes = orphans::sees_all_processes();
+        if !sees_all_processes {
+            tracing::warn!("this daemon runs in a PID namespace of its own and cannot see containers' mounts: volumes whose references Docker never releases (a lost Mount answer, a dockerd crash) stay held until the daemon restarts in the host's PID namespace (set \"pidhost\": true for a managed plugin)");
+        }
         Ok(Driver {
             settings,
             cluster,
@@ -95,6 +109,7 @@ impl Driver {
             list_hint: AtomicUsize::new(1024),
             attacher,
             table: Mutex::new(table),
+            sees_all_processes,
         })
     }
 
@@ -119,12 +134,18 @@ impl Driver {
         t.volumes.get(name).cloned()
     }
 
-    /// Applies `f` to the table and saves it.
-    fn update_table<T>(&self, f: impl FnOnce(&mut RefTable) -> T) -> Result<T> {
+    /// Applies `f` to the table and saves it; if the save fails, nothing changes.
+    fn update_table<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, ActiveVolume>) -> T,
+    ) -> Result<T> {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let out = f(&mut t);
-        t.save()?;
-        Ok(out)
+        t.apply(f)
+    }
+
+    fn volume_names(&self) -> Vec<String> {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.volumes.keys().cloned().collect()
     }
 
     pub fn host_id(&self) -> &str {
@@ -249,41 +270,6 @@ impl Driver {
             existing: fmt(|(k, e, _)| format!("{k}={e}")),
             requested: fmt(|(k, _, r)| format!("{k}={r}")),
         })
-    }
-
-    /// Notices volumes this host lost (its mapper was fenced: blocklisted, lock
-    /// broken), marks them, and says so loudly. Fenced volumes refuse new Mounts until
-    /// their last Unmount. Runs periodically and before answering Get.
-    pub async fn check_fencing(&self, only: Option<&str>) {
-        let candidates: Vec<(String, ActiveVolume)> = {
-            let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-            t.volumes
-                .iter()
-                .filter(|(n, v)| !v.fenced && only.is_none_or(|o| o == n.as_str()))
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect()
-        };
-        for (name, v) in candidates {
-            let req = self.attacher.request_for(&name, &v);
-            let health = self
-                .attacher
-                .mappers
-                .get(v.mapping.kind)
-                .health(&req, &v.mapping)
-                .await;
-            if health == Health::Fenced {
-                tracing::error!(
-                    volume = %name,
-                    mountpoint = %v.mountpoint.display(),
-                    "FENCED: this host lost the volume's lock (another host or an operator took it over). Its filesystem here now fails every write; stop the containers using it on this host"
-                );
-                let _ = self.update_table(|t| {
-                    if let Some(rec) = t.volumes.get_mut(&name) {
-                        rec.fenced = true;
-                    }
-                });
-            }
-        }
     }
 
     pub async fn get(&self, name: &str) -> Result<VolumeView> {
@@ -441,149 +427,5 @@ impl Driver {
     pub async fn path(&self, name: &str) -> Result<Option<PathBuf>> {
         names::validate(name)?;
         Ok(self.active(name).map(|a| a.mountpoint))
-    }
-
-    fn fenced_error(&self, name: &str) -> Error {
-        Error::InUse {
-            name: name.to_string(),
-            holder: format!(
-                "this host ({}) lost the volume's lock: another host took it over and this host was fenced. It stays unavailable here until the containers using it on this host stop",
-                self.host_id
-            ),
-        }
-    }
-
-    /// Mounts the volume for Docker mount `id`: map + format-if-blank + mount on the
-    /// first reference, a counter increment after that.
-    pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
-        names::validate(name)?;
-        let lock = self.name_lock(name);
-        let _serialised = lock.lock().await;
-        let dockerd = refs::dockerd_instance(Path::new(DOCKERD_PID_FILE));
-        let mut carried = BTreeMap::new();
-        if let Some(v) = self.active(name) {
-            if v.fenced {
-                return Err(self.fenced_error(name));
-            }
-            match self.attacher.health(name, &v).await {
-                Health::Serving => {
-                    let mp = v.mountpoint.clone();
-                    let total = self.update_table(|t| {
-                        let rec = t
-                            .volumes
-                            .get_mut(name)
-                            .expect("record under the volume lock");
-                        rec.add_ref(id, dockerd.as_deref());
-                        rec.total_refs()
-                    })?;
-                    tracing::info!(
-                        volume = name,
-                        id,
-                        refs = total,
-                        "mount: already mounted here; counted another reference"
-                    );
-                    return Ok(mp);
-                }
-                Health::Fenced => {
-                    self.update_table(|t| {
-                        if let Some(rec) = t.volumes.get_mut(name) {
-                            rec.fenced = true;
-                        }
-                    })?;
-                    tracing::error!(volume = name, "mount: this host was fenced from the volume");
-                    return Err(self.fenced_error(name));
-                }
-                Health::Gone => {
-                    tracing::warn!(
-                        volume = name,
-                        "mount: the recorded mount is gone; mounting again"
-                    );
-                    let _ = self.attacher.detach(name, &v).await;
-                    carried = v.refs.clone();
-                    self.update_table(|t| t.volumes.remove(name))?;
-                }
-            }
-        }
-        let facts = self
-            .lookup(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        self.remember(&facts);
-        let mut active = match self.attacher.attach(&facts).await {
-            Ok(a) => a,
-            Err(e) => {
-                let waited = self.settings.lock.takeover_wait;
-                return Err(self.explain_mount_failure(name, e, waited).await);
-            }
-        };
-        active.refs = carried;
-        active.add_ref(id, dockerd.as_deref());
-        let mp = active.mountpoint.clone();
-        if let Err(e) = self.update_table(|t| t.volumes.insert(name.to_string(), active.clone())) {
-            let _ = self.attacher.detach(name, &active).await;
-            self.update_table(|t| t.volumes.remove(name)).ok();
-            return Err(e);
-        }
-        Ok(mp)
-    }
-
-    /// A Mount that failed while another host holds the volume says who holds it and
-    /// what happens next, rather than the mapper's low-level error.
-    async fn explain_mount_failure(
-        &self,
-        name: &str,
-        e: Error,
-        waited: std::time::Duration,
-    ) -> Error {
-        let Ok(Some(facts)) = self.lookup(name).await else {
-            return e;
-        };
-        let owners = crate::lock::owners(&facts);
-        if owners.is_empty() {
-            return e;
-        }
-        tracing::warn!(volume = name, error = %e, "mount refused: the volume is held elsewhere");
-        Error::HeldElsewhere(crate::lock::in_use_message(name, &owners, waited))
-    }
-
-    /// Drops Docker mount `id`'s reference; the last one unmounts and unmaps. An
-    /// unknown ID succeeds (Docker retries nothing and may repeat itself).
-    pub async fn unmount(&self, name: &str, id: &str) -> Result<()> {
-        names::validate(name)?;
-        let lock = self.name_lock(name);
-        let _serialised = lock.lock().await;
-        let Some(_) = self.active(name) else {
-            tracing::info!(volume = name, id, "unmount: volume is not mounted here");
-            return Ok(());
-        };
-        let (known, remaining, record) = self.update_table(|t| {
-            let rec = t
-                .volumes
-                .get_mut(name)
-                .expect("record under the volume lock");
-            let known = rec.drop_ref(id);
-            (known, rec.total_refs(), rec.clone())
-        })?;
-        if !known {
-            tracing::info!(
-                volume = name,
-                id,
-                "unmount: unknown mount ID; nothing to do"
-            );
-        }
-        if remaining > 0 {
-            tracing::info!(
-                volume = name,
-                id,
-                refs = remaining,
-                "unmount: still referenced"
-            );
-            return Ok(());
-        }
-        // Last reference: the record (with no references) stays until the teardown
-        // succeeds, so a crash or a busy filesystem is retried, not forgotten.
-        self.attacher.detach(name, &record).await?;
-        self.update_table(|t| t.volumes.remove(name))?;
-        Ok(())
     }
 }

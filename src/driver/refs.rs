@@ -23,6 +23,11 @@ pub struct IdRef {
     /// The dockerd instance ("pid:starttime") that sent these Mounts, if known.
     #[serde(default)]
     pub dockerd: Option<String>,
+    /// When this ID was last mounted (seconds since the epoch; 0 in older tables). A
+    /// reference younger than the orphan grace may belong to a container that is still
+    /// starting and has not bind-mounted the volume yet.
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// A volume mounted on this host.
@@ -46,11 +51,17 @@ impl ActiveVolume {
         self.refs.values().map(|r| r.count).sum()
     }
 
-    /// Counts one more Mount of `id`.
-    pub fn add_ref(&mut self, id: &str, dockerd: Option<&str>) {
+    /// When any of its IDs was last mounted (seconds since the epoch).
+    pub fn last_mounted(&self) -> u64 {
+        self.refs.values().map(|r| r.since).max().unwrap_or(0)
+    }
+
+    /// Counts one more Mount of `id` at `now` (seconds since the epoch).
+    pub fn add_ref(&mut self, id: &str, dockerd: Option<&str>, now: u64) {
         let entry = self.refs.entry(id.to_string()).or_insert(IdRef {
             count: 0,
             dockerd: dockerd.map(String::from),
+            since: now,
         });
         let from_older_dockerd =
             matches!((&entry.dockerd, dockerd), (Some(old), Some(new)) if old != new);
@@ -59,6 +70,7 @@ impl ActiveVolume {
         }
         entry.count += 1;
         entry.dockerd = dockerd.map(String::from);
+        entry.since = now;
     }
 
     /// Counts one Unmount of `id`; returns false for an ID that holds nothing.
@@ -118,27 +130,45 @@ impl RefTable {
         }
     }
 
-    pub fn save(&self) -> Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let tmp = self.path.with_extension("tmp");
-        let body = serde_json::to_vec_pretty(&OnDisk {
-            version: 1,
-            volumes: self.volumes.clone(),
-        })
-        .map_err(|e| Error::io("encoding the reference table", std::io::Error::other(e)))?;
-        let ctx = |what: &str| format!("{what} {}", tmp.display());
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(ctx("creating"), e))?;
-        f.write_all(&body)
-            .map_err(|e| Error::io(ctx("writing"), e))?;
-        f.sync_all().map_err(|e| Error::io(ctx("syncing"), e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| Error::io(ctx("renaming"), e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))?;
-        Ok(())
+    /// Applies `f` to a copy of the table and saves the copy; only once it is saved
+    /// does it replace the table in memory. A failed save changes nothing, so memory
+    /// never holds a reference that the file (and after a restart, we) would not.
+    pub fn apply<T>(
+        &mut self,
+        f: impl FnOnce(&mut BTreeMap<String, ActiveVolume>) -> T,
+    ) -> Result<T> {
+        let mut next = self.volumes.clone();
+        let out = f(&mut next);
+        save_to(&self.path, &next)?;
+        self.volumes = next;
+        Ok(out)
     }
+
+    pub fn save(&self) -> Result<()> {
+        save_to(&self.path, &self.volumes)
+    }
+}
+
+fn save_to(path: &Path, volumes: &BTreeMap<String, ActiveVolume>) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let tmp = path.with_extension("tmp");
+    let body = serde_json::to_vec_pretty(&OnDisk {
+        version: 1,
+        volumes: volumes.clone(),
+    })
+    .map_err(|e| Error::io("encoding the reference table", std::io::Error::other(e)))?;
+    let ctx = |what: &str| format!("{what} {}", tmp.display());
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(ctx("creating"), e))?;
+    f.write_all(&body)
+        .map_err(|e| Error::io(ctx("writing"), e))?;
+    f.sync_all().map_err(|e| Error::io(ctx("syncing"), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(ctx("renaming"), e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))?;
+    Ok(())
 }
 
 /// Identifies the running dockerd ("pid:starttime") from its pid file, if any.
@@ -165,6 +195,7 @@ mod tests {
                 kind: MapperKind::Userspace,
                 device: "/dev/loop3".into(),
                 exporter_pid: Some(42),
+                backing: None,
             },
             fstype: "ext4".into(),
             read_only: false,
@@ -178,9 +209,9 @@ mod tests {
     #[test]
     fn the_same_id_twice_needs_two_unmounts() {
         let mut v = vol();
-        v.add_ref("a", Some("d1"));
-        v.add_ref("a", Some("d1")); // docker cp on a running container
-        v.add_ref("b", Some("d1"));
+        v.add_ref("a", Some("d1"), 1);
+        v.add_ref("a", Some("d1"), 1); // docker cp on a running container
+        v.add_ref("b", Some("d1"), 1);
         assert_eq!(v.total_refs(), 3);
         assert!(v.drop_ref("a"));
         assert_eq!(v.total_refs(), 2);
@@ -194,16 +225,52 @@ mod tests {
     #[test]
     fn a_mount_from_a_restarted_dockerd_replaces_the_stale_count() {
         let mut v = vol();
-        v.add_ref("a", Some("100:5"));
+        v.add_ref("a", Some("100:5"), 1);
         // dockerd crashed (no Unmount) and the restarted one mounts the same ID again.
-        v.add_ref("a", Some("200:9"));
+        v.add_ref("a", Some("200:9"), 2);
         assert_eq!(v.total_refs(), 1);
         assert!(v.drop_ref("a"));
         assert_eq!(v.total_refs(), 0);
         // Without a known dockerd, counts simply add up.
-        v.add_ref("b", None);
-        v.add_ref("b", None);
+        v.add_ref("b", None, 3);
+        v.add_ref("b", None, 3);
         assert_eq!(v.total_refs(), 2);
+        assert_eq!(v.last_mounted(), 3);
+    }
+
+    #[test]
+    fn a_failed_save_changes_nothing_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refs.json");
+        let mut t = RefTable::load(&path).unwrap();
+        t.apply(|vols| vols.insert("v".into(), vol())).unwrap();
+        // The temp file's name taken by a directory: the next save fails (even as root).
+        std::fs::create_dir(path.with_extension("tmp")).unwrap();
+        let r = t.apply(|vols| {
+            vols.get_mut("v").unwrap().add_ref("orphan", None, 1);
+        });
+        assert!(r.is_err());
+        assert_eq!(
+            t.volumes["v"].total_refs(),
+            0,
+            "a reference Docker never got an answer for must not be counted"
+        );
+        std::fs::remove_dir(path.with_extension("tmp")).unwrap();
+        assert_eq!(RefTable::load(&path).unwrap().volumes["v"].total_refs(), 0);
+    }
+
+    #[test]
+    fn tables_from_before_mount_times_load_as_long_ago() {
+        let json = r#"{"version":1,"volumes":{"v":{"pool":"rbd","mountpoint":"/m/rbd/v",
+            "mapping":{"kind":"userspace","device":"/dev/loop3","exporter_pid":42},
+            "fstype":"ext4","read_only":false,"features":5,"since":"t",
+            "refs":{"a":{"count":1,"dockerd":null}}}}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refs.json");
+        std::fs::write(&path, json).unwrap();
+        let t = RefTable::load(&path).unwrap();
+        assert_eq!(t.volumes["v"].refs["a"].since, 0);
+        assert_eq!(t.volumes["v"].last_mounted(), 0);
     }
 
     #[test]
@@ -212,7 +279,7 @@ mod tests {
         let path = dir.path().join("refs.json");
         let mut t = RefTable::load(&path).unwrap();
         let mut v = vol();
-        v.add_ref("x", None);
+        v.add_ref("x", None, 1);
         t.volumes.insert("v".into(), v.clone());
         t.save().unwrap();
         assert_eq!(RefTable::load(&path).unwrap().volumes["v"], v);

@@ -36,9 +36,71 @@ impl Probe {
     }
 }
 
+/// What the first and last MiB of a device hold, read by rbdvol itself: the second,
+/// independent signal that a device is blank. `blkid -p` exits 2 both when it finds
+/// nothing and when it cannot read the device, so its "nothing" alone proves nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Zeros,
+    /// Non-zero bytes: something was written, whatever the probe recognised.
+    Data,
+    /// A read failed (EIO from a failing disk, a fenced mapping): nothing is known.
+    Unreadable(String),
+}
+
+/// How much of each end of a device [`sample`] reads: where signatures live.
+const SAMPLE: u64 = 1 << 20;
+
+/// Reads the first and last MiB of `device` (blocking; see [`sample`]).
+pub fn sample_blocking(device: &Path) -> Content {
+    use std::io::{Read, Seek, SeekFrom};
+    let read = || -> std::io::Result<bool> {
+        let mut f = std::fs::File::open(device)?;
+        let len = f.seek(SeekFrom::End(0))?;
+        let mut buf = vec![0u8; SAMPLE.min(len) as usize];
+        let mut zeros = true;
+        for start in [0, len.saturating_sub(SAMPLE)] {
+            f.seek(SeekFrom::Start(start))?;
+            f.read_exact(&mut buf)?;
+            zeros &= buf.iter().all(|b| *b == 0);
+        }
+        Ok(zeros)
+    };
+    match read() {
+        Ok(true) => Content::Zeros,
+        Ok(false) => Content::Data,
+        Err(e) => Content::Unreadable(format!("reading {}: {e}", device.display())),
+    }
+}
+
+/// [`sample_blocking`] off the runtime, under the probe deadline. A read stuck in the
+/// kernel cannot be cancelled; the thread is left to it and the answer is "unreadable".
+pub async fn sample(device: &Path) -> Content {
+    let d = device.to_path_buf();
+    let task = tokio::task::spawn_blocking(move || sample_blocking(&d));
+    match tokio::time::timeout(PROBE_DEADLINE, task).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => Content::Unreadable(format!("reading {}: {e}", device.display())),
+        Err(_) => Content::Unreadable(format!(
+            "reading {} did not finish within {}s",
+            device.display(),
+            PROBE_DEADLINE.as_secs()
+        )),
+    }
+}
+
 /// Parses `blkid -p -o export` output and exit code into a [`Probe`].
-pub fn parse_probe(code: Option<i32>, stdout: &str) -> std::result::Result<Probe, String> {
+pub fn parse_probe(
+    code: Option<i32>,
+    stdout: &str,
+    stderr: &str,
+) -> std::result::Result<Probe, String> {
     match code {
+        // Exit 2 is "nothing found" - or a device blkid could not read, which it may
+        // or may not say on stderr. Anything said there is not "nothing".
+        Some(2) if !stderr.trim().is_empty() => {
+            return Err(format!("blkid found nothing but said: {}", stderr.trim()))
+        }
         Some(2) => return Ok(Probe::Blank),
         Some(8) => return Ok(Probe::Ambivalent),
         Some(0) => {}
@@ -73,7 +135,7 @@ pub async fn probe(device: &Path) -> Result<Probe> {
         PROBE_DEADLINE,
     )
     .await?;
-    parse_probe(out.code, &out.stdout).map_err(|why| Error::Command {
+    parse_probe(out.code, &out.stdout, &out.stderr).map_err(|why| Error::Command {
         program: "blkid".into(),
         detail: format!(
             "{why}: {}",
@@ -194,15 +256,30 @@ pub struct MountEntry {
     pub target: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The filesystem's device, "major:minor" (field 3): the same in every namespace.
+    pub dev: String,
+    /// Peer group this mount shares propagation with (`shared:N`), if any.
+    pub shared: Option<u64>,
+    /// Peer group this mount receives propagation from (`master:N`), if any.
+    pub master: Option<u64>,
 }
 
-/// Parses mountinfo: fields 5 (mount point) and, after the " - " separator, the
-/// filesystem type and source. Octal escapes (`\040` for space) are decoded.
+/// Parses mountinfo: fields 3 (device) and 5 (mount point), the optional propagation
+/// fields, and after the " - " separator the filesystem type and source. Octal escapes
+/// (`\040` for space) are decoded.
 pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let target = left.split(' ').nth(4)?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            let dev = fields.get(2)?;
+            let target = fields.get(4)?;
+            let tagged = |prefix: &str| {
+                fields
+                    .iter()
+                    .skip(6)
+                    .find_map(|f| f.strip_prefix(prefix)?.parse().ok())
+            };
             let mut r = right.split(' ');
             let fstype = r.next()?;
             let source = r.next()?;
@@ -210,6 +287,9 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 target: PathBuf::from(unescape(target)),
                 fstype: fstype.to_string(),
                 source: unescape(source),
+                dev: dev.to_string(),
+                shared: tagged("shared:"),
+                master: tagged("master:"),
             })
         })
         .collect()
@@ -252,32 +332,55 @@ mod tests {
 
     #[test]
     fn blkid_results_are_read_conservatively() {
-        assert_eq!(parse_probe(Some(2), ""), Ok(Probe::Blank));
+        assert_eq!(parse_probe(Some(2), "", ""), Ok(Probe::Blank));
         assert_eq!(
             parse_probe(
                 Some(0),
-                "DEVNAME=/dev/loop0\nUUID=x\nTYPE=ext4\nUSAGE=filesystem\n"
+                "DEVNAME=/dev/loop0\nUUID=x\nTYPE=ext4\nUSAGE=filesystem\n",
+                ""
             ),
             Ok(Probe::Signature("ext4".into()))
         );
         assert_eq!(
-            parse_probe(Some(0), "DEVNAME=/dev/loop0\nPTUUID=x\nPTTYPE=gpt\n"),
+            parse_probe(Some(0), "DEVNAME=/dev/loop0\nPTUUID=x\nPTTYPE=gpt\n", ""),
             Ok(Probe::PartitionTable("gpt".into()))
         );
         assert_eq!(
-            parse_probe(Some(0), "TYPE=crypto_LUKS\n"),
+            parse_probe(Some(0), "TYPE=crypto_LUKS\n", ""),
             Ok(Probe::Signature("crypto_LUKS".into()))
         );
         assert_eq!(
-            parse_probe(Some(0), "DEVNAME=/dev/x\n"),
+            parse_probe(Some(0), "DEVNAME=/dev/x\n", ""),
             Ok(Probe::Signature("unknown".into()))
         );
-        assert_eq!(parse_probe(Some(8), ""), Ok(Probe::Ambivalent));
+        assert_eq!(parse_probe(Some(8), "", ""), Ok(Probe::Ambivalent));
         assert!(
-            parse_probe(Some(4), "").is_err(),
+            parse_probe(Some(4), "", "").is_err(),
             "a usage error must never read as blank"
         );
-        assert!(parse_probe(None, "").is_err());
+        assert!(parse_probe(None, "", "").is_err());
+        assert!(
+            parse_probe(Some(2), "", "error: /dev/loop0: Input/output error").is_err(),
+            "a probe that complains found nothing it can vouch for"
+        );
+    }
+
+    #[test]
+    fn sampling_tells_zeros_from_data_and_reports_read_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("dev");
+        std::fs::write(&f, vec![0u8; 3 << 20]).unwrap();
+        assert_eq!(sample_blocking(&f), Content::Zeros);
+        let mut bytes = vec![0u8; 3 << 20];
+        bytes[(3 << 20) - 10] = 1; // only the tail (a backup GPT, an md superblock)
+        std::fs::write(&f, &bytes).unwrap();
+        assert_eq!(sample_blocking(&f), Content::Data);
+        std::fs::write(&f, [0u8; 100]).unwrap(); // smaller than a sample
+        assert_eq!(sample_blocking(&f), Content::Zeros);
+        assert!(matches!(
+            sample_blocking(&dir.path().join("missing")),
+            Content::Unreadable(_)
+        ));
     }
 
     #[test]
@@ -336,5 +439,8 @@ mod tests {
             ("ext4", "/dev/loop3")
         );
         assert_eq!(m[1].fstype, "fuse.rbdvol");
+        assert_eq!(m[0].dev, "98:0");
+        assert_eq!((m[0].shared, m[0].master), (None, Some(1)));
+        assert_eq!((m[1].shared, m[1].master), (Some(2), None));
     }
 }

@@ -74,6 +74,58 @@ pub fn parse_list(json: &str) -> Result<Vec<(PathBuf, PathBuf)>> {
         .collect())
 }
 
+#[derive(Debug, Deserialize)]
+struct IdentityList {
+    loopdevices: Vec<IdentityEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IdentityEntry {
+    #[serde(rename = "back-maj:min")]
+    dev: Option<String>,
+    #[serde(rename = "back-ino")]
+    ino: Option<u64>,
+}
+
+/// Parses `losetup --list --json -O NAME,BACK-MAJ:MIN,BACK-INO DEV` into the backing
+/// file's identity, "major:minor:inode", or `None` for a detached device.
+pub fn parse_identity(json: &str) -> Result<Option<String>> {
+    if json.trim().is_empty() {
+        return Ok(None);
+    }
+    let list: IdentityList = serde_json::from_str(json).map_err(|e| Error::Command {
+        program: "losetup".into(),
+        detail: format!("cannot read `losetup --list --json`: {e}"),
+    })?;
+    Ok(list.loopdevices.into_iter().next().and_then(|e| {
+        let dev = e.dev?;
+        Some(format!("{}:{}", dev.trim(), e.ino?))
+    }))
+}
+
+/// The identity of the file `device` is attached to, as the kernel recorded it when it
+/// was attached: it stays the same when the file's path stops resolving, and differs
+/// for any other file attached to the device since.
+pub async fn identity(device: &Path) -> Result<Option<String>> {
+    let out = run(
+        "losetup",
+        [
+            "--list".as_ref(),
+            "--json".as_ref(),
+            "-O".as_ref(),
+            "NAME,BACK-MAJ:MIN,BACK-INO".as_ref(),
+            device.as_os_str(),
+        ],
+        DEADLINE,
+    )
+    .await?;
+    if !out.success() {
+        // No such loop device, or not attached: nothing is attached there.
+        return Ok(None);
+    }
+    parse_identity(&out.stdout)
+}
+
 pub async fn list() -> Result<Vec<(PathBuf, PathBuf)>> {
     let out = run_ok(
         "losetup",
@@ -108,5 +160,15 @@ mod tests {
         assert_eq!(l.len(), 2);
         assert_eq!(l[1], (PathBuf::from("/dev/loop1"), PathBuf::from("/tmp/x")));
         assert!(parse_list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn loop_identity_is_read_and_a_detached_device_has_none() {
+        let attached = r#"{"loopdevices": [{"name": "/dev/loop0", "back-maj:min": "     0:53  ", "back-ino": 2}]}"#;
+        assert_eq!(parse_identity(attached).unwrap().as_deref(), Some("0:53:2"));
+        let detached =
+            r#"{"loopdevices": [{"name": "/dev/loop0", "back-maj:min": null, "back-ino": null}]}"#;
+        assert_eq!(parse_identity(detached).unwrap(), None);
+        assert_eq!(parse_identity("").unwrap(), None);
     }
 }

@@ -55,6 +55,11 @@ pub struct Mapping {
     /// Userspace mapper only: the exporter's pid.
     #[serde(default)]
     pub exporter_pid: Option<u32>,
+    /// Userspace mapper only: the loop device's backing file as the kernel recorded it
+    /// at attach time ("major:minor:inode"), to tell our loop device from one that
+    /// another program attached after ours went away.
+    #[serde(default)]
+    pub backing: Option<String>,
 }
 
 /// How a mapping is doing.
@@ -74,6 +79,12 @@ pub trait Mapper: Send + Sync {
     /// Unmaps; unmapping something already gone succeeds.
     async fn unmap(&self, req: &MapRequest, mapping: &Mapping) -> Result<()>;
     async fn health(&self, req: &MapRequest, mapping: &Mapping) -> Health;
+    /// The kernel's mappings of this kind (krbd, nbd), for finding what a crash left
+    /// unrecorded. The userspace mapper's leftovers are found by their state
+    /// directories instead.
+    async fn kernel_mappings(&self) -> Result<Vec<KernelMapping>> {
+        Ok(Vec::new())
+    }
 }
 
 const RBD_DEADLINE: Duration = Duration::from_secs(90);
@@ -143,24 +154,140 @@ async fn rbd_map(kind: MapperKind, argv: Vec<String>) -> Result<Mapping> {
         kind,
         device: PathBuf::from(out.stdout.trim()),
         exporter_pid: None,
+        backing: None,
     })
 }
 
-/// Runs `rbd device unmap …` unless the device is already gone.
-async fn rbd_unmap(mapping: &Mapping, argv: Vec<String>) -> Result<()> {
+/// Refuses to release a block device that anything still holds: a mount of it in any
+/// mount namespace, or a device stacked on it. Releasing it would give a container
+/// I/O errors and lose what it had not synced.
+pub fn ensure_unused(device: &Path) -> Result<()> {
+    let users = super::usage::device_users(device);
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InUse {
+        name: device.display().to_string(),
+        holder: format!(
+            "{}; rbdvol will not release a device that is still in use",
+            users.join("; ")
+        ),
+    })
+}
+
+/// Runs `rbd device unmap …` if the device is still the mapping of this image (after
+/// a reboot, /dev/rbdN may be another image's, or another program's) and unused.
+async fn rbd_unmap(
+    req: &MapRequest,
+    mapping: &Mapping,
+    identity: Option<KernelMapping>,
+    argv: Vec<String>,
+) -> Result<()> {
     if !mapping.device.exists() {
         return Ok(());
     }
+    match identity {
+        Some(k) if k.is(&req.pool, &req.image) => {}
+        other => {
+            tracing::warn!(device = %mapping.device.display(), image = %format!("{}/{}", req.pool, req.image), now = ?other, "not unmapping: the device no longer maps this image");
+            return Ok(());
+        }
+    }
+    ensure_unused(&mapping.device)?;
     run_ok("rbd", argv, RBD_DEADLINE).await.map(|_| ())
 }
 
-/// A kernel-backed mapping lives as long as its device node.
-fn device_health(mapping: &Mapping) -> Health {
-    if mapping.device.exists() {
-        Health::Serving
-    } else {
-        Health::Gone
+/// A kernel-backed mapping lives as long as its device node maps this image.
+fn device_health(req: &MapRequest, mapping: &Mapping, identity: Option<KernelMapping>) -> Health {
+    match identity {
+        Some(k) if mapping.device.exists() && k.is(&req.pool, &req.image) => Health::Serving,
+        _ => Health::Gone,
     }
+}
+
+/// What a kernel mapping (krbd or rbd-nbd) maps, as the kernel or `rbd device list`
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct KernelMapping {
+    pub pool: String,
+    /// krbd lists it as `name`, rbd-nbd as `image`.
+    #[serde(alias = "name")]
+    pub image: String,
+    #[serde(default)]
+    pub snap: String,
+    pub device: PathBuf,
+}
+
+impl KernelMapping {
+    /// True when this maps the image itself (not a snapshot) of `pool`/`image`.
+    pub fn is(&self, pool: &str, image: &str) -> bool {
+        self.pool == pool && self.image == image && matches!(self.snap.as_str(), "" | "-")
+    }
+}
+
+/// Parses `rbd device list -t krbd|nbd --format json`.
+pub fn parse_device_list(json: &str) -> Result<Vec<KernelMapping>> {
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(json).map_err(|e| Error::Command {
+        program: "rbd".into(),
+        detail: format!("cannot read `rbd device list --format json`: {e}"),
+    })
+}
+
+/// Every mapping of this kind the kernel has, for reconciling after a crash.
+async fn device_list(kind: &str) -> Result<Vec<KernelMapping>> {
+    let out = run_ok(
+        "rbd",
+        ["device", "list", "-t", kind, "--format", "json"],
+        RBD_DEADLINE,
+    )
+    .await?;
+    parse_device_list(&out.stdout)
+}
+
+/// What `/dev/rbdN` maps, from sysfs (cheap enough for every health check).
+fn krbd_identity(sysfs: &Path, device: &Path) -> Option<KernelMapping> {
+    let id = device.file_name()?.to_str()?.strip_prefix("rbd")?;
+    let dir = sysfs.join("devices").join(id);
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    Some(KernelMapping {
+        pool: read("pool")?,
+        image: read("name")?,
+        snap: read("current_snap").unwrap_or_default(),
+        device: device.to_path_buf(),
+    })
+}
+
+/// What `/dev/nbdN` maps: the image named on the command line of the rbd-nbd process
+/// the kernel says serves it.
+fn nbd_identity(device: &Path) -> Option<KernelMapping> {
+    let name = device.file_name()?.to_str()?;
+    let pid = std::fs::read_to_string(format!("/sys/block/{name}/pid")).ok()?;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).ok()?;
+    nbd_identity_from_cmdline(&cmdline, device)
+}
+
+/// The `POOL/IMAGE[@SNAP]` argument of an rbd-nbd command line (NUL-separated).
+pub fn nbd_identity_from_cmdline(cmdline: &[u8], device: &Path) -> Option<KernelMapping> {
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let spec = args.iter().skip_while(|a| *a != "map").nth(1)?;
+    let (spec, snap) = spec.split_once('@').unwrap_or((spec, ""));
+    let (pool, image) = spec.split_once('/')?;
+    Some(KernelMapping {
+        pool: pool.to_string(),
+        image: image.to_string(),
+        snap: snap.to_string(),
+        device: device.to_path_buf(),
+    })
 }
 
 /// The kernel RBD client: `rbd device map -t krbd -o exclusive,noshare`.
@@ -231,12 +358,26 @@ impl Mapper for Krbd {
         rbd_map(MapperKind::Krbd, self.map_argv(req, udev_running())).await
     }
 
-    async fn unmap(&self, _req: &MapRequest, mapping: &Mapping) -> Result<()> {
-        rbd_unmap(mapping, self.unmap_argv(mapping, udev_running())).await
+    async fn unmap(&self, req: &MapRequest, mapping: &Mapping) -> Result<()> {
+        let identity = krbd_identity(&self.sysfs, &mapping.device);
+        rbd_unmap(
+            req,
+            mapping,
+            identity,
+            self.unmap_argv(mapping, udev_running()),
+        )
+        .await
     }
 
-    async fn health(&self, _req: &MapRequest, mapping: &Mapping) -> Health {
-        device_health(mapping)
+    async fn health(&self, req: &MapRequest, mapping: &Mapping) -> Health {
+        device_health(req, mapping, krbd_identity(&self.sysfs, &mapping.device))
+    }
+
+    async fn kernel_mappings(&self) -> Result<Vec<KernelMapping>> {
+        if !self.sysfs.exists() {
+            return Ok(Vec::new());
+        }
+        device_list("krbd").await
     }
 }
 
@@ -275,12 +416,20 @@ impl Mapper for Nbd {
         rbd_map(MapperKind::Nbd, self.map_argv(req)).await
     }
 
-    async fn unmap(&self, _req: &MapRequest, mapping: &Mapping) -> Result<()> {
-        rbd_unmap(mapping, self.unmap_argv(mapping)).await
+    async fn unmap(&self, req: &MapRequest, mapping: &Mapping) -> Result<()> {
+        let identity = nbd_identity(&mapping.device);
+        rbd_unmap(req, mapping, identity, self.unmap_argv(mapping)).await
     }
 
-    async fn health(&self, _req: &MapRequest, mapping: &Mapping) -> Health {
-        device_health(mapping)
+    async fn health(&self, req: &MapRequest, mapping: &Mapping) -> Health {
+        device_health(req, mapping, nbd_identity(&mapping.device))
+    }
+
+    async fn kernel_mappings(&self) -> Result<Vec<KernelMapping>> {
+        if !Path::new("/sys/module/nbd").exists() {
+            return Ok(Vec::new());
+        }
+        device_list("nbd").await
     }
 }
 
@@ -298,13 +447,26 @@ impl Mapper for Userspace {
 
     async fn map(&self, req: &MapRequest) -> Result<Mapping> {
         let exporter = self.exporters.start(req).await?;
-        match super::loopdev::attach(&exporter.file, req.read_only).await {
-            Ok(device) => Ok(Mapping {
+        let attached = match super::loopdev::attach(&exporter.file, req.read_only).await {
+            Ok(device) => super::loopdev::identity(&device)
+                .await
+                .map(|backing| (device, backing)),
+            Err(e) => Err(e),
+        };
+        match attached {
+            Ok((device, backing)) => Ok(Mapping {
                 kind: MapperKind::Userspace,
                 device,
                 exporter_pid: Some(exporter.pid),
+                backing,
             }),
             Err(e) => {
+                // A loop device attached before the identity read failed is on our file.
+                if let Ok(devices) = super::loopdev::backing(&exporter.file).await {
+                    for d in devices {
+                        let _ = super::loopdev::detach(&d).await;
+                    }
+                }
                 self.exporters.stop(req, Some(exporter.pid)).await;
                 Err(e)
             }
@@ -316,10 +478,21 @@ impl Mapper for Userspace {
         // Every loop device on the exporter's file: the recorded one, and any a crash
         // left behind before it was recorded.
         let mut devices = super::loopdev::backing(&file).await?;
-        if !devices.contains(&mapping.device) && mapping.device.as_os_str() != "" {
-            devices.push(mapping.device.clone());
+        // Once the exporter's FUSE mount is gone, the recorded device's backing path no
+        // longer reads as our file; the identity the kernel recorded at attach time
+        // still tells ours from a device another program attached since (after a
+        // reboot, say). A device that is not provably ours is left alone.
+        let recorded = &mapping.device;
+        if !recorded.as_os_str().is_empty() && !devices.contains(recorded) {
+            let now = super::loopdev::identity(recorded).await.ok().flatten();
+            if now.is_some() && now == mapping.backing {
+                devices.push(recorded.clone());
+            } else if now.is_some() {
+                tracing::warn!(device = %recorded.display(), image = %format!("{}/{}", req.pool, req.image), "not detaching: the loop device now backs another file");
+            }
         }
         for d in devices {
+            ensure_unused(&d)?;
             super::loopdev::detach(&d).await?;
         }
         self.exporters.stop(req, mapping.exporter_pid).await;
@@ -407,6 +580,7 @@ mod tests {
             kind: MapperKind::Krbd,
             device: "/dev/rbd3".into(),
             exporter_pid: None,
+            backing: None,
         };
         assert_eq!(
             k.unmap_argv(&m, false).join(" "),
@@ -462,5 +636,85 @@ mod tests {
             err.contains("object-map") && err.contains("cannot map"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kernel_device_lists_are_read_for_both_clients() {
+        // krbd says "name", rbd-nbd says "image" (and its id is a pid).
+        let krbd = r#"[{"id":"0","pool":"rbd","namespace":"","name":"pg","snap":"-","device":"/dev/rbd0"},
+                       {"id":"1","pool":"rbd","namespace":"","name":"pg","snap":"nightly","device":"/dev/rbd1"}]"#;
+        let l = parse_device_list(krbd).unwrap();
+        assert_eq!(l.len(), 2);
+        assert!(l[0].is("rbd", "pg"));
+        assert!(!l[1].is("rbd", "pg"), "a snapshot mapping is not the image");
+        let nbd = r#"[{"id":4242,"pool":"fast","namespace":"","image":"q","snap":"-","device":"/dev/nbd0"}]"#;
+        let l = parse_device_list(nbd).unwrap();
+        assert!(l[0].is("fast", "q") && !l[0].is("rbd", "q"));
+        assert_eq!(l[0].device, PathBuf::from("/dev/nbd0"));
+        assert!(parse_device_list("").unwrap().is_empty());
+        assert!(parse_device_list("{garbage").is_err());
+    }
+
+    #[test]
+    fn krbd_identity_comes_from_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("devices/3");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("pool"), "rbd\n").unwrap();
+        std::fs::write(dev.join("name"), "pg\n").unwrap();
+        std::fs::write(dev.join("current_snap"), "-\n").unwrap();
+        let k = krbd_identity(dir.path(), Path::new("/dev/rbd3")).unwrap();
+        assert!(k.is("rbd", "pg"));
+        assert!(krbd_identity(dir.path(), Path::new("/dev/rbd4")).is_none());
+        // After a reboot /dev/rbd3 maps another image: the record's device is not ours.
+        let m = Mapping {
+            kind: MapperKind::Krbd,
+            device: "/dev/null".into(),
+            exporter_pid: None,
+            backing: None,
+        };
+        assert_eq!(
+            device_health(&req(false), &m, Some(k.clone())),
+            Health::Gone
+        );
+        let theirs = KernelMapping {
+            image: "other".into(),
+            ..k
+        };
+        assert_eq!(device_health(&req(false), &m, Some(theirs)), Health::Gone);
+    }
+
+    #[test]
+    fn nbd_identity_comes_from_the_rbd_nbd_command_line() {
+        let cmd = b"rbd-nbd\0--device\0/dev/nbd0\0map\0rbd/pg-data\0--exclusive\0";
+        let k = nbd_identity_from_cmdline(cmd, Path::new("/dev/nbd0")).unwrap();
+        assert!(k.is("rbd", "pg-data"));
+        let snap = b"rbd-nbd\0map\0rbd/pg-data@s1\0";
+        let k = nbd_identity_from_cmdline(snap, Path::new("/dev/nbd0")).unwrap();
+        assert!(!k.is("rbd", "pg-data"));
+        assert!(nbd_identity_from_cmdline(b"sleep\x00100\x00", Path::new("/dev/nbd0")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_device_that_maps_another_image_is_never_unmapped() {
+        // /dev/null exists; an identity for another image must stop before `rbd` runs
+        // (an `rbd` that ran would fail here: there is no such device to unmap).
+        let other = KernelMapping {
+            pool: "rbd".into(),
+            image: "someone-else".into(),
+            snap: "-".into(),
+            device: "/dev/null".into(),
+        };
+        let m = Mapping {
+            kind: MapperKind::Krbd,
+            device: "/dev/null".into(),
+            exporter_pid: None,
+            backing: None,
+        };
+        let argv = vec!["device".into(), "unmap".into(), "/dev/null".into()];
+        rbd_unmap(&req(false), &m, Some(other), argv.clone())
+            .await
+            .unwrap();
+        rbd_unmap(&req(false), &m, None, argv).await.unwrap();
     }
 }

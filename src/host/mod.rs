@@ -8,3 +8,4 @@ pub mod exporter_proc;
 pub mod fs;
 pub mod loopdev;
 pub mod mapper;
+pub mod usage;
