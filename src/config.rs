@@ -230,9 +230,9 @@ impl Settings {
                 );
             }
         }
-        // RBDVOL_CRASH_AT is a test hook (see `failpoint`), not a setting.
+        // RBDVOL_CRASH_AT and RBDVOL_FAULTS are test hooks (see `failpoint`), not settings.
         let env: std::collections::HashMap<String, String> = std::env::vars()
-            .filter(|(k, _)| k != "RBDVOL_CRASH_AT")
+            .filter(|(k, _)| k != "RBDVOL_CRASH_AT" && k != "RBDVOL_FAULTS")
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("RBDVOL")

@@ -13,3 +13,19 @@ pub fn crash_point(point: &str) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// Injected faults for tests: `RBDVOL_FAULTS=export:read-eio` makes the exporter fail
+/// every read with EIO, the way a failing disk or an unreachable placement group would,
+/// so that rbdvol's behaviour on unreadable volumes is tested against the real data
+/// path. Read once per process; unset in production.
+pub fn fault(name: &str) -> bool {
+    static FAULTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FAULTS
+        .get_or_init(|| {
+            std::env::var("RBDVOL_FAULTS")
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_default()
+        })
+        .iter()
+        .any(|f| f == name)
+}

@@ -88,6 +88,9 @@ pub struct DaemonOpts {
     pub mount_root_is_a_mount: bool,
     /// Serve this socket path instead of one in the daemon's temp dir.
     pub socket: Option<PathBuf>,
+    /// Make the configured mount root a symlink to the real directory (as when
+    /// /var/lib lives on another disk).
+    pub mount_root_via_symlink: bool,
 }
 
 impl DaemonOpts {
@@ -100,6 +103,7 @@ impl DaemonOpts {
             netns: None,
             mount_root_is_a_mount: false,
             socket: None,
+            mount_root_via_symlink: false,
         }
     }
 
@@ -134,6 +138,11 @@ impl Daemon {
             .socket
             .clone()
             .unwrap_or_else(|| dir.path().join("rbdvol.sock"));
+        if opts.mount_root_via_symlink {
+            let real = dir.path().join("real-mounts");
+            std::fs::create_dir_all(&real).unwrap();
+            std::os::unix::fs::symlink(&real, dir.path().join("mounts")).unwrap();
+        }
         if opts.mount_root_is_a_mount {
             let root = dir.path().join("mounts");
             std::fs::create_dir_all(&root).unwrap();

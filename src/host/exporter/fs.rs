@@ -365,6 +365,9 @@ impl Filesystem for ImageFs {
         let Some(op) = self.backend.begin() else {
             return reply.error(Errno::EIO);
         };
+        if crate::failpoint::fault("export:read-eio") {
+            return reply.error(Errno::EIO);
+        }
         let end = self.backend.size();
         if offset >= end {
             return reply.data(&[]);
