@@ -189,7 +189,7 @@ pub async fn serve(
                         %peer,
                         refused,
                         cap = setting,
-                        "TLS connection closed unserved: too many at once (refused counts every such connection since the last line like this); raise the cap if these are legitimate clients"
+                        "TLS connections closed unserved: over a cap (refused = how many since the last such line; at most one line per 5 s); raise the cap if they are legitimate clients"
                     );
                 }
                 continue;
