@@ -92,7 +92,7 @@ pub struct LockSettings {
     pub takeover_wait: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSettings {
     /// Address of the HTTPS listener (e.g. "0.0.0.0:7443"); empty: none.
@@ -100,8 +100,32 @@ pub struct TlsSettings {
     /// Server certificate chain and private key (PEM).
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
-    /// When set, clients must present a certificate this CA signed (mutual TLS).
+    /// Clients must present a certificate this CA signed (mutual TLS). Required with
+    /// `listen` unless `insecure_allow_unauthenticated_clients`.
     pub client_ca: Option<std::path::PathBuf>,
+    /// Serve any network peer without a client certificate. Anyone who can reach the
+    /// port can then create, mount and remove volumes.
+    pub insecure_allow_unauthenticated_clients: bool,
+    /// Concurrent TLS connections; more are closed at once, so network peers cannot
+    /// exhaust the daemon (the unix socket is not counted).
+    pub max_connections: usize,
+    /// TLS handshakes in progress (the expensive, unauthenticated part); more are
+    /// closed at once.
+    pub max_handshakes: usize,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            listen: String::new(),
+            cert: std::path::PathBuf::new(),
+            key: std::path::PathBuf::new(),
+            client_ca: None,
+            insecure_allow_unauthenticated_clients: false,
+            max_connections: 64,
+            max_handshakes: 16,
+        }
+    }
 }
 
 impl Default for MapSettings {
@@ -293,6 +317,19 @@ impl Settings {
                 "tls.listen is set but tls.cert or tls.key is not; `rbdvol tls init DIR` makes them".into(),
             ));
         }
+        if !self.tls.listen.is_empty()
+            && self.tls.client_ca.is_none()
+            && !self.tls.insecure_allow_unauthenticated_clients
+        {
+            return Err(Error::Config(
+                "tls.listen is set but tls.client_ca is not: any network peer could create, mount and remove volumes. Set tls.client_ca to the ca.pem `rbdvol tls init DIR` wrote (it also writes the client certificate dockerd presents), or, only on a network you fully trust, set tls.insecure_allow_unauthenticated_clients = true".into(),
+            ));
+        }
+        if self.tls.max_connections == 0 || self.tls.max_handshakes == 0 {
+            return Err(Error::Config(
+                "tls.max_connections and tls.max_handshakes must be at least 1".into(),
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(Error::Config(format!(
                 "log.format {:?}: use \"text\" or \"json\"",
@@ -351,6 +388,48 @@ mod tests {
         std::fs::write(&path, "sockett = \"/x\"\n").unwrap();
         let err = Settings::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("sockett"), "{err}");
+    }
+
+    fn tls_listening() -> Settings {
+        let mut s = Settings::default();
+        s.tls.listen = "127.0.0.1:7443".into();
+        s.tls.cert = "/etc/rbdvol/tls/server.pem".into();
+        s.tls.key = "/etc/rbdvol/tls/server-key.pem".into();
+        s
+    }
+
+    #[test]
+    fn a_tls_listener_without_a_client_ca_is_refused() {
+        let err = tls_listening().validate().unwrap_err().to_string();
+        assert!(err.contains("tls.client_ca"), "{err}");
+        assert!(err.contains("rbdvol tls init"), "{err}");
+        assert!(
+            err.contains("insecure_allow_unauthenticated_clients"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tls_listener_is_allowed_with_a_client_ca_or_the_insecure_setting() {
+        let mut s = tls_listening();
+        s.tls.client_ca = Some("/etc/rbdvol/tls/ca.pem".into());
+        s.validate().unwrap();
+        let mut s = tls_listening();
+        s.tls.insecure_allow_unauthenticated_clients = true;
+        s.validate().unwrap();
+        // No listener, nothing to authenticate.
+        Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn tls_caps_default_and_must_be_positive() {
+        let d = TlsSettings::default();
+        assert_eq!((d.max_connections, d.max_handshakes), (64, 16));
+        assert!(!d.insecure_allow_unauthenticated_clients);
+        let mut s = Settings::default();
+        s.tls.max_handshakes = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("tls.max_handshakes"), "{err}");
     }
 
     #[test]

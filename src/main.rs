@@ -124,11 +124,20 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         tracing::info!(
             addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             mutual = settings.tls.client_ca.is_some(),
+            max_connections = settings.tls.max_connections,
+            max_handshakes = settings.tls.max_handshakes,
             "serving HTTPS"
         );
+        if settings.tls.client_ca.is_none() {
+            tracing::error!(
+                listen = %settings.tls.listen,
+                "INSECURE: tls.insecure_allow_unauthenticated_clients is set and tls.client_ca is not: ANY network peer that reaches this port can create, mount and remove volumes. Set tls.client_ca (`rbdvol tls init` writes ca.pem and client certificates) and remove the insecure setting"
+            );
+        }
         Some(tokio::spawn(api::tls::serve(
             tcp,
             config,
+            api::tls::Limits::new(&settings.tls),
             driver.clone(),
             stopped(),
         )))
