@@ -4,6 +4,7 @@
 //! for known volumes while the cluster is unreachable.
 
 pub mod attach;
+pub mod fsopts;
 pub mod names;
 pub mod options;
 pub mod refs;
