@@ -226,7 +226,12 @@ impl Attacher {
         if !marks.is_empty() {
             self.set_meta(facts, marks).await?;
         }
-        let options = fs::mount_options(&fstype, &meta("mount-options"), read_only);
+        let options = fs::mount_options(
+            &fstype,
+            &meta("mount-options"),
+            read_only,
+            meta("allow-suid-dev") == "true",
+        );
         fs::mount(device, mountpoint, &fstype, &options).await?;
         crash_point("mount:after-mount");
         tracing::info!(volume = name, mountpoint = %mountpoint.display(), fstype = %fstype, options = %options, "mounted");
