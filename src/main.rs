@@ -76,6 +76,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         "rbdvol starting"
     );
     warn_if_keyring_is_readable(&settings);
+    rbdvol::host::fs::prepare_mount_root(&settings.mount_root)?;
     // Bind first: a managed plugin must listen within ~9.5 s, before slow Ceph work.
     let listener = api::bind(&settings.socket).await?;
     let _remove_socket_on_exit = api::SocketGuard(settings.socket.clone());

@@ -525,3 +525,59 @@ fn a_mount_root_that_is_itself_a_mount_point_is_kept() {
     assert_eq!(left, Vec::<String>::new());
     assert_eq!(lock_holders("rbd", &name), Vec::<String>::new());
 }
+
+/// The per-mount options (mountinfo field 6) of what is mounted at `path`.
+fn per_mount_options(path: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = path.to_string_lossy();
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(p.as_ref()))
+        .unwrap_or_else(|| panic!("{p} is not mounted"));
+    let opts = line.split(' ').nth(5).unwrap();
+    opts.split(',').map(String::from).collect()
+}
+
+#[test]
+fn volumes_mount_nosuid_nodev_under_a_private_root_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start(DaemonOpts::host("host-a"));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let plain = unique("nosuid");
+    d.create(&plain, r#"{"size":"64M"}"#);
+    let mp = d.mount(&plain, &mount_id(1));
+    assert_eq!(
+        mode(&d.mount_root()),
+        0o700,
+        "the mount root is open to other users"
+    );
+    let opts = per_mount_options(&mp);
+    assert!(
+        opts.iter().any(|o| o == "nosuid") && opts.iter().any(|o| o == "nodev"),
+        "{opts:?}"
+    );
+    d.unmount(&plain, &mount_id(1));
+    assert_unmapped(&d, "rbd", &plain);
+    // The choice is part of the volume: a repeated Create asking otherwise conflicts.
+    d.err(
+        "VolumeDriver.Create",
+        &format!(r#"{{"Name":"{plain}","Opts":{{"allow-suid-dev":"true"}}}}"#),
+        "allow-suid-dev",
+    );
+
+    // The operator's opt-out, stored on the image like the other options.
+    let allowed = unique("suid");
+    d.create(&allowed, r#"{"size":"64M","allow-suid-dev":"true"}"#);
+    assert_eq!(
+        image_meta("rbd", &allowed, "rbdvol.allow-suid-dev").as_deref(),
+        Some("true")
+    );
+    let mp = d.mount(&allowed, &mount_id(2));
+    let opts = per_mount_options(&mp);
+    assert!(
+        !opts.iter().any(|o| o == "nosuid" || o == "nodev"),
+        "{opts:?}"
+    );
+    d.unmount(&allowed, &mount_id(2));
+    assert_unmapped(&d, "rbd", &allowed);
+}

@@ -253,6 +253,66 @@ fn bad_input_gets_a_clear_error_and_creates_nothing() {
             r#"{"Name":{okname},"Opts":{"mkfs-options":"-F"}}"#.into(),
             "never forces",
         ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"mkfs-options":"-qF"}}"#.into(),
+            "never forces",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"mkfs-options":"-d /etc"}}"#.into(),
+            "copies files from the host",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"mkfs-options":"-E offset=4096"}}"#.into(),
+            "offset is not allowed",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"mkfs-options":"-e panic"}}"#.into(),
+            "stop the host's kernel",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"fstype":"xfs","size":"512M","mkfs-options":"-l logdev=/dev/sda"}}"#.into(),
+            "logdev is not allowed",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"fstype":"xfs","size":"512M","mkfs-options":"-r rtdev=/dev/sdb"}}"#.into(),
+            "realtime",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"mount-options":"errors=panic"}}"#.into(),
+            "stop the host's kernel",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"mount-options":"nobarrier"}}"#.into(),
+            "weakens durability",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"mount-options":"noatime,suid"}}"#.into(),
+            "allow-suid-dev=true",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"fstype":"xfs","size":"512M","mount-options":"logdev=/dev/sda"}}"#.into(),
+            "file or device on the host",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"fstype":"xfs","size":"512M","mount-options":"rtdev=/dev/sdb"}}"#.into(),
+            "file or device on the host",
+        ),
+        (
+            "VolumeDriver.Create",
+            r#"{"Name":{okname},"Opts":{"allow-suid-dev":"maybe"}}"#.into(),
+            "true or false",
+        ),
         ("VolumeDriver.Create", r#"{"Name":5}"#.into(), "malformed"),
         (
             "VolumeDriver.Create",

@@ -161,7 +161,7 @@ pub fn mount(env: &Env, dir: &Path, pool: &str, image: &str, format: bool) -> R<
     steps.format_or_check = t.elapsed();
 
     let t = Instant::now();
-    let options = rbdvol::host::fs::mount_options("ext4", "", false);
+    let options = rbdvol::host::fs::mount_options("ext4", "", false, false);
     run_ok(
         &["mount", "-t", "ext4", "-o", &options, &dev, s(&mountpoint)],
         STEP_DEADLINE,

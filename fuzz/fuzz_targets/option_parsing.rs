@@ -1,6 +1,7 @@
 //! `docker volume create -o` options: parsing never panics, and every accepted set is
 //! one rbdvol can really create (sane size, exclusive-lock present, known fstype,
-//! options that cannot smuggle separators into mount or mkfs).
+//! options that cannot smuggle separators into mount or mkfs, and stored options that
+//! pass the check Mount makes again).
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -29,5 +30,10 @@ fuzz_target!(|data: &[u8]| {
         if let Some(o) = v.object_size {
             assert!(o.is_power_of_two());
         }
+        // What Create stores passes the check Mount makes again, unchanged.
+        let meta: BTreeMap<String, String> = v.to_meta("h", "t").into_iter().collect();
+        let stored = rbdvol::driver::fsopts::check_stored(&meta).expect("stored options recheck");
+        assert_eq!(stored.mkfs_options, v.mkfs_options);
+        assert_eq!(stored.mount_options, v.mount_options);
     }
 });

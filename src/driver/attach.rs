@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::fsopts::{self, StoredFs};
 use super::reconcile::Intents;
 use super::refs::ActiveVolume;
 use crate::ceph::images::{self, ImageFacts};
@@ -154,8 +155,10 @@ impl Attacher {
     /// is undone and the error says what happened.
     pub async fn attach(&self, facts: &ImageFacts) -> Result<ActiveVolume> {
         let name = facts.name.as_str();
-        let meta = |k: &str| facts.meta.get(k).cloned();
-        let read_only = meta("read-only").as_deref() == Some("true");
+        // What reaches mkfs and mount as root is checked again here, from metadata that
+        // anyone with write access to the pool could have changed since Create.
+        let stored = fsopts::check_stored(&facts.meta)?;
+        let read_only = stored.read_only;
         let req = self.request(&facts.pool, name, read_only, facts.stat.features);
         let mountpoint = self.mountpoint(&facts.pool, name);
         std::fs::create_dir_all(&mountpoint)
@@ -181,7 +184,7 @@ impl Attacher {
         tracing::info!(volume = name, device = %mapping.device.display(), mapper = mapping.kind.name(), "mapped");
         crash_point("mount:after-map");
         match self
-            .format_and_mount(facts, &mapping, &mountpoint, read_only)
+            .format_and_mount(facts, &stored, &mapping, &mountpoint)
             .await
         {
             Ok(fstype) => Ok(ActiveVolume {
@@ -213,15 +216,13 @@ impl Attacher {
     async fn format_and_mount(
         &self,
         facts: &ImageFacts,
+        stored: &StoredFs,
         mapping: &Mapping,
         mountpoint: &Path,
-        read_only: bool,
     ) -> Result<String> {
         let name = facts.name.as_str();
-        let meta = |k: &str| facts.meta.get(k).cloned().unwrap_or_default();
-        let declared = Some(meta("fstype"))
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "ext4".into());
+        let read_only = stored.read_only;
+        let declared = stored.fstype.clone();
         let device = &mapping.device;
         let found = fs::probe(device).await?;
         // Only a probe that found nothing needs the second opinion.
@@ -263,7 +264,7 @@ impl Attacher {
                     )));
                 }
                 tracing::info!(volume = name, fstype = %declared, fresh, "volume is blank: formatting");
-                fs::mkfs(&declared, &meta("mkfs-options"), fresh, device).await?;
+                fs::mkfs(&declared, &stored.mkfs_options, fresh, device).await?;
                 crash_point("mount:after-mkfs");
                 let marker = format!("{declared} by {} at {}", self.host_id, now());
                 marks.push(("formatted", Some(marker)));
@@ -277,7 +278,23 @@ impl Attacher {
         if !marks.is_empty() {
             self.set_meta(facts, marks).await?;
         }
-        let options = fs::mount_options(&fstype, &meta("mount-options"), read_only);
+        // The options were checked for the declared type; the type found may differ
+        // (ext2 and ext3 are mounted by the ext4 driver and take its options).
+        let family = if fstype.starts_with("ext") {
+            "ext4"
+        } else {
+            &fstype
+        };
+        let user_options = fsopts::check_mount(family, &stored.mount_options).map_err(|why| {
+            Error::InvalidOption {
+                key: "mount-options".into(),
+                value: stored.mount_options.clone(),
+                reason: format!(
+                    "not valid for the {fstype} filesystem found on volume {name}: {why}"
+                ),
+            }
+        })?;
+        let options = fs::mount_options(&fstype, &user_options, read_only, stored.allow_suid_dev);
         fs::mount(device, mountpoint, &fstype, &options).await?;
         crash_point("mount:after-mount");
         tracing::info!(volume = name, mountpoint = %mountpoint.display(), fstype = %fstype, options = %options, "mounted");

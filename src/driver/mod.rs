@@ -4,6 +4,7 @@
 //! for known volumes while the cluster is unreachable.
 
 pub mod attach;
+pub mod fsopts;
 mod mounts;
 pub mod names;
 pub mod options;
@@ -314,6 +315,7 @@ impl Driver {
         put("mkfs_options", json!(meta("mkfs-options")));
         put("mount_options", json!(meta("mount-options")));
         put("read_only", json!(meta("read-only") == "true"));
+        put("allow_suid_dev", json!(meta("allow-suid-dev") == "true"));
         put("created_by", json!(meta("created-by")));
         put(
             "formatted",

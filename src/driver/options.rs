@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use crate::ceph::images::ImageFacts;
 use crate::ceph::sys::CreateSpec;
 use crate::config::VolumeDefaults;
+use crate::driver::fsopts;
 use crate::error::{Error, Result};
 use crate::units::{format_size, parse_size};
 
@@ -20,6 +21,7 @@ pub const ACCEPTED: &[&str] = &[
     "features",
     "object-size",
     "read-only",
+    "allow-suid-dev",
 ];
 
 pub const FSTYPES: &[&str] = &["ext4", "xfs"];
@@ -57,6 +59,9 @@ pub struct VolumeOptions {
     pub features: u64,
     pub object_size: Option<u64>,
     pub read_only: bool,
+    /// Mount without nosuid,nodev: setuid programs and device files in the volume work
+    /// on the host too, for every local user who can reach the mount point.
+    pub allow_suid_dev: bool,
     /// The keys the user gave explicitly (only these are compared on a repeated Create).
     pub explicit: Vec<&'static str>,
 }
@@ -120,57 +125,6 @@ fn parse_bool(key: &str, text: &str) -> Result<bool> {
         "false" | "no" | "0" | "off" => Ok(false),
         _ => Err(invalid(key, text, "use true or false")),
     }
-}
-
-fn check_mkfs_options(key: &str, text: &str) -> Result<String> {
-    if text.len() > 512 || text.chars().any(|c| c.is_control() || !c.is_ascii()) {
-        return Err(invalid(
-            key,
-            text,
-            "use printable ASCII, at most 512 characters",
-        ));
-    }
-    for arg in text.split_whitespace() {
-        if matches!(arg, "-f" | "-F" | "--force") || arg.starts_with("-F") && arg.len() <= 3 {
-            return Err(invalid(
-                key,
-                text,
-                "rbdvol never forces mkfs: it formats only images that are provably blank",
-            ));
-        }
-    }
-    Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
-}
-
-fn check_mount_options(key: &str, text: &str) -> Result<String> {
-    let mut out = Vec::new();
-    for opt in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        if !opt
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_=.:/-+".contains(c))
-        {
-            return Err(invalid(
-                key,
-                text,
-                format!("mount option {opt:?} has characters outside [A-Za-z0-9_=.:/+-]"),
-            ));
-        }
-        if matches!(opt, "ro" | "rw") {
-            return Err(invalid(key, text, "use -o read-only=true instead of ro/rw"));
-        }
-        if matches!(opt, "remount" | "bind" | "rbind" | "move" | "loop") {
-            return Err(invalid(
-                key,
-                text,
-                format!("{opt} is managed by rbdvol and cannot be set"),
-            ));
-        }
-        out.push(opt.to_string());
-    }
-    if out.join(",").len() > 512 {
-        return Err(invalid(key, text, "at most 512 characters"));
-    }
-    Ok(out.join(","))
 }
 
 impl VolumeOptions {
@@ -265,18 +219,16 @@ impl VolumeOptions {
             }
         };
 
-        let mkfs_options = check_mkfs_options(
-            "mkfs-options",
-            get("mkfs-options").unwrap_or(&defaults.mkfs_options),
-        )?;
-        let mount_options = check_mount_options(
-            "mount-options",
-            get("mount-options").unwrap_or(&defaults.mount_options),
-        )?;
-        let read_only = match get("read-only") {
-            None => false,
-            Some(t) => parse_bool("read-only", t)?,
-        };
+        // Checked against the fstype: the allow-lists differ.
+        let mkfs_text = get("mkfs-options").unwrap_or(&defaults.mkfs_options);
+        let mkfs_options = fsopts::check_mkfs(&fstype, mkfs_text)
+            .map_err(|r| invalid("mkfs-options", mkfs_text, r))?;
+        let mount_text = get("mount-options").unwrap_or(&defaults.mount_options);
+        let mount_options = fsopts::check_mount(&fstype, mount_text)
+            .map_err(|r| invalid("mount-options", mount_text, r))?;
+        let flag = |key: &str| get(key).map_or(Ok(false), |t| parse_bool(key, t));
+        let read_only = flag("read-only")?;
+        let allow_suid_dev = flag("allow-suid-dev")?;
 
         Ok(VolumeOptions {
             size,
@@ -288,6 +240,7 @@ impl VolumeOptions {
             features,
             object_size,
             read_only,
+            allow_suid_dev,
             explicit,
         })
     }
@@ -308,6 +261,10 @@ impl VolumeOptions {
             ("mkfs-options".to_string(), self.mkfs_options.clone()),
             ("mount-options".to_string(), self.mount_options.clone()),
             ("read-only".to_string(), self.read_only.to_string()),
+            (
+                "allow-suid-dev".to_string(),
+                self.allow_suid_dev.to_string(),
+            ),
             ("features".to_string(), features_to_names(self.features)),
             ("size".to_string(), self.size.to_string()),
             ("created-by".to_string(), host_id.to_string()),
@@ -356,6 +313,14 @@ impl VolumeOptions {
                 "mkfs-options" => cmp(key, meta("mkfs-options"), self.mkfs_options.clone()),
                 "mount-options" => cmp(key, meta("mount-options"), self.mount_options.clone()),
                 "read-only" => cmp(key, meta("read-only"), self.read_only.to_string()),
+                // Volumes from before the option have no key: they are mounted without.
+                "allow-suid-dev" => cmp(
+                    key,
+                    Some(meta(key))
+                        .filter(|v| !v.is_empty())
+                        .unwrap_or("false".into()),
+                    self.allow_suid_dev.to_string(),
+                ),
                 _ => {}
             }
         }
@@ -389,7 +354,7 @@ mod tests {
         assert_eq!(v.pool, "rbd");
         assert_eq!(v.fstype, "ext4");
         assert_eq!(features_to_names(v.features), "layering,exclusive-lock");
-        assert!(!v.read_only);
+        assert!(!v.read_only && !v.allow_suid_dev);
         assert!(v.explicit.is_empty());
     }
 
@@ -405,14 +370,15 @@ mod tests {
             ("features", "layering,exclusive-lock,object-map,fast-diff"),
             ("object-size", "8M"),
             ("read-only", ""),
+            ("allow-suid-dev", "true"),
         ])
         .unwrap();
         assert_eq!(v.size, 1 << 30);
         assert_eq!(v.pool, "fast");
         assert_eq!(v.data_pool.as_deref(), Some("ec-data"));
         assert_eq!(v.create_spec().order, Some(23));
-        assert!(v.read_only);
-        assert_eq!(v.explicit.len(), 9);
+        assert!(v.read_only && v.allow_suid_dev);
+        assert_eq!(v.explicit.len(), 10);
     }
 
     #[test]
@@ -437,6 +403,20 @@ mod tests {
             (&[("object-size", "3M")], "power of two"),
             (&[("read-only", "maybe")], "true or false"),
             (&[("mkfs-options", "-F")], "never forces"),
+            (&[("mkfs-options", "-qF")], "never forces"),
+            (&[("mkfs-options", "-d /etc")], "copies files from the host"),
+            (
+                &[("fstype", "xfs"), ("mkfs-options", "-l logdev=/dev/sda")],
+                "-l {size=SIZE",
+            ),
+            // An ext4 flag on an xfs volume: checked against the volume's fstype.
+            (
+                &[("fstype", "xfs"), ("mkfs-options", "-j")],
+                "allowed for xfs",
+            ),
+            (&[("mount-options", "errors=panic")], "kernel"),
+            (&[("mount-options", "suid")], "allow-suid-dev=true"),
+            (&[("allow-suid-dev", "perhaps")], "true or false"),
             (&[("mount-options", "ro")], "read-only=true"),
             (&[("mount-options", "a;b")], "characters outside"),
             (&[("data-pool", "../x")], "pool name"),
@@ -445,6 +425,23 @@ mod tests {
             let err = parse(pairs).unwrap_err().to_string();
             assert!(err.contains(expect), "{pairs:?}: {err}");
         }
+    }
+
+    #[test]
+    fn what_create_stores_passes_the_mount_time_check() {
+        let v = parse(&[
+            ("fstype", "xfs"),
+            ("mkfs-options", " -m  crc=1 "),
+            ("mount-options", "noatime"),
+            ("allow-suid-dev", ""),
+        ])
+        .unwrap();
+        let meta: BTreeMap<String, String> = v.to_meta("h", "t").into_iter().collect();
+        let stored = fsopts::check_stored(&meta).unwrap();
+        assert_eq!(stored.fstype, "xfs");
+        assert_eq!(stored.mkfs_options, "-m crc=1");
+        assert_eq!(stored.mount_options, "noatime");
+        assert!(stored.allow_suid_dev && !stored.read_only);
     }
 
     #[test]

@@ -153,6 +153,7 @@ pub fn mkfs_argv(
     device: &Path,
 ) -> (String, Vec<String>) {
     let mut args: Vec<String> = Vec::new();
+    let mut user: Vec<String> = user_options.split_whitespace().map(String::from).collect();
     match fstype {
         "xfs" => {
             // -K: do not discard (slow on thin RBD images and pointless when fresh).
@@ -163,10 +164,18 @@ pub fn mkfs_argv(
             if fresh {
                 ext.push_str(",lazy_journal_init=1");
             }
+            // mke2fs keeps only the last -E: fold the user's into ours, after ours so
+            // that theirs win where both set a key.
+            while let Some(i) = user.iter().position(|a| a == "-E") {
+                if i + 1 < user.len() {
+                    ext = format!("{ext},{}", user[i + 1]);
+                }
+                user.drain(i..(i + 2).min(user.len()));
+            }
             args.extend(["-q".into(), "-m0".into(), "-E".into(), ext]);
         }
     }
-    args.extend(user_options.split_whitespace().map(String::from));
+    args.extend(user);
     args.push(device.display().to_string());
     (format!("mkfs.{fstype}"), args)
 }
@@ -198,19 +207,57 @@ pub async fn preen(fstype: &str, device: &Path) -> Result<()> {
     }
 }
 
-/// Mount options for a volume: the user's, plus what rbdvol needs.
-pub fn mount_options(fstype: &str, user: &str, read_only: bool) -> String {
+/// Mount options for a volume: the user's, plus what rbdvol needs. Unless the volume
+/// allows them, setuid programs and device files in it do nothing on the host: a root
+/// container could otherwise leave a setuid-root shell for any local user.
+pub fn mount_options(fstype: &str, user: &str, read_only: bool, allow_suid_dev: bool) -> String {
     let mut opts: Vec<String> = user
         .split(',')
         .filter(|o| !o.is_empty())
         .map(String::from)
         .collect();
+    let mut add = |opt: &str| {
+        if !opts.iter().any(|o| o == opt) {
+            opts.push(opt.into());
+        }
+    };
     // Snapshots and clones of one image share an xfs UUID; let them mount side by side.
-    if fstype == "xfs" && !opts.iter().any(|o| o == "nouuid") {
-        opts.push("nouuid".into());
+    if fstype == "xfs" {
+        add("nouuid");
     }
-    opts.push(if read_only { "ro" } else { "rw" }.into());
+    if !allow_suid_dev {
+        add("nosuid");
+        add("nodev");
+    }
+    add(if read_only { "ro" } else { "rw" });
     opts.join(",")
+}
+
+/// Creates the directory volumes are mounted under and closes it to other users (as
+/// Docker's own volume directory is): a volume's files keep their owners and modes, so
+/// an open path would let any local user reach into every mounted volume.
+pub fn prepare_mount_root(root: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let shown = root.display();
+    std::fs::create_dir_all(root)
+        .map_err(|e| Error::io(format!("creating mount_root {shown}"), e))?;
+    let meta =
+        std::fs::metadata(root).map_err(|e| Error::io(format!("reading mount_root {shown}"), e))?;
+    if meta.uid() != 0 {
+        return Err(Error::Config(format!(
+            "mount_root {shown} is owned by uid {}, not root, so its owner could swap volumes' mount points; `chown root {shown}` or choose another mount_root",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            Error::io(
+                format!("making mount_root {shown} private (mode 0700); `chmod 700 {shown}` or choose another mount_root"),
+                e,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 pub async fn mount(device: &Path, target: &Path, fstype: &str, options: &str) -> Result<()> {
@@ -411,6 +458,19 @@ mod tests {
                 "/dev/loop7"
             ]
         );
+        let (_, a) = mkfs_argv("ext4", "-E stride=16 -L x -E discard", true, dev);
+        assert_eq!(
+            a,
+            [
+                "-q",
+                "-m0",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1,stride=16,discard",
+                "-L",
+                "x",
+                "/dev/loop7"
+            ]
+        );
         let (p, a) = mkfs_argv("xfs", "-m crc=1", true, dev);
         assert_eq!(p, "mkfs.xfs");
         assert_eq!(a, ["-q", "-K", "-m", "crc=1", "/dev/loop7"]);
@@ -418,13 +478,45 @@ mod tests {
 
     #[test]
     fn mount_options_add_what_rbdvol_needs() {
-        assert_eq!(mount_options("ext4", "", false), "rw");
+        assert_eq!(mount_options("ext4", "", false, false), "nosuid,nodev,rw");
         assert_eq!(
-            mount_options("ext4", "noatime,discard", true),
-            "noatime,discard,ro"
+            mount_options("ext4", "noatime,discard", true, false),
+            "noatime,discard,nosuid,nodev,ro"
         );
-        assert_eq!(mount_options("xfs", "noatime", false), "noatime,nouuid,rw");
-        assert_eq!(mount_options("xfs", "nouuid", false), "nouuid,rw");
+        assert_eq!(
+            mount_options("xfs", "noatime", false, false),
+            "noatime,nouuid,nosuid,nodev,rw"
+        );
+        assert_eq!(
+            mount_options("xfs", "nouuid,nodev", false, false),
+            "nouuid,nodev,nosuid,rw"
+        );
+        // The operator's opt-out: neither is added (and the allow-list refuses suid/dev).
+        assert_eq!(mount_options("ext4", "", false, true), "rw");
+        assert_eq!(mount_options("xfs", "", true, true), "nouuid,ro");
+    }
+
+    #[test]
+    fn the_mount_root_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rbdvol-root-{}", std::process::id()));
+        let root = dir.join("mounts");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let owned_by_root = std::fs::metadata(&root).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid() == 0
+        });
+        let result = prepare_mount_root(&root);
+        if owned_by_root.unwrap() {
+            result.unwrap();
+            let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o700);
+        } else {
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("not root") && err.contains("chown"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
