@@ -307,3 +307,33 @@ fn a_recorded_loop_device_that_now_backs_another_file_is_left_alone() {
     assert!(is_mountpoint(&mp));
     d.unmount(&name, &mount_id(2));
 }
+
+#[test]
+fn options_changed_in_the_pool_after_create_are_refused_at_mount() {
+    let d = Daemon::start(host("host-a"));
+    for (key, value, needle) in [
+        ("rbdvol.mkfs-options", "-d /etc", "-d is not allowed"),
+        ("rbdvol.fstype", "../../tmp/x", "fstype"),
+        ("rbdvol.mount-options", "errors=panic", "errors=panic"),
+    ] {
+        let name = unique("tampered");
+        d.create(&name, r#"{"size":"64M"}"#);
+        let (ok, out) = rbd(&[
+            "image-meta",
+            "set",
+            &format!("rbd/{name}"),
+            key,
+            "--",
+            value,
+        ]);
+        assert!(ok, "{out}");
+        let err = d.err(
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(1)),
+            needle,
+        );
+        assert!(err.contains("changed outside rbdvol"), "{err}");
+        assert!(released(&d, "rbd", &name), "{name}: {:?}", d.leftovers());
+        assert_eq!(image_meta("rbd", &name, "rbdvol.formatted"), None);
+    }
+}

@@ -6,6 +6,7 @@ pub mod command;
 pub mod exporter;
 pub mod exporter_proc;
 pub mod fs;
+pub mod kernel_map;
 pub mod loopdev;
 pub mod mapper;
 pub mod usage;
