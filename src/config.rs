@@ -132,7 +132,7 @@ impl Default for MapSettings {
     fn default() -> Self {
         MapSettings {
             mapper: "auto".into(),
-            orphan_grace: Duration::from_secs(60),
+            orphan_grace: Duration::from_secs(90),
         }
     }
 }
@@ -300,7 +300,7 @@ impl Settings {
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(100)).contains(&self.map.orphan_grace) {
             return Err(Error::Config(format!(
-                "map.orphan_grace {}: use 1s to 100s (default 60s); orphaned volumes must be released within 2 minutes of Docker's last Unmount",
+                "map.orphan_grace {}: use 1s to 100s (default 90s); orphaned volumes must be released within 2 minutes of Docker's last Unmount",
                 humantime::format_duration(self.map.orphan_grace)
             )));
         }
