@@ -71,6 +71,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         "rbdvol starting"
     );
     warn_if_keyring_is_readable(&settings);
+    rbdvol::host::exporter_proc::set_fence_expiry(settings.lock.fence_expiry);
     // Bind first: a managed plugin must listen within ~9.5 s, before slow Ceph work.
     let listener = api::bind(&settings.socket).await?;
     let _remove_socket_on_exit = api::SocketGuard(settings.socket.clone());
@@ -160,7 +161,12 @@ fn lock_command(cmd: &LockCommand) -> Result<()> {
             rbdvol::driver::names::validate(volume)?;
             println!(
                 "{}",
-                rbdvol::lock::break_lock(&rados, &settings.ceph.pools, volume)?
+                rbdvol::lock::break_lock(
+                    &rados,
+                    &settings.ceph.pools,
+                    volume,
+                    settings.lock.fence_expiry
+                )?
             );
         }
     }

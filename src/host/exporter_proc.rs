@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -41,6 +42,16 @@ pub struct Exporters {
     pub ceph: CephSettings,
     /// `<state_dir>/exports`: one directory per mapped image.
     pub dir: PathBuf,
+}
+
+/// `lock.fence_expiry`, handed to every exporter as `--fence-expiry`. Set once when the
+/// daemon starts (from its settings); the exporter's own default applies until then.
+/// A process-wide value rather than a field of [`Exporters`] so that the daemon's
+/// construction of `Exporters` stays as it is.
+static FENCE_EXPIRY: OnceLock<Duration> = OnceLock::new();
+
+pub fn set_fence_expiry(expiry: Duration) {
+    let _ = FENCE_EXPIRY.set(expiry);
 }
 
 const STOP_GRACE: Duration = Duration::from_secs(20);
@@ -150,6 +161,12 @@ impl Exporters {
         }
         if req.read_only {
             cmd.arg("--read-only");
+        }
+        if let Some(expiry) = FENCE_EXPIRY.get() {
+            cmd.args([
+                "--fence-expiry",
+                &humantime::format_duration(*expiry).to_string(),
+            ]);
         }
         let mut child = cmd
             .spawn()
