@@ -702,3 +702,87 @@ fn dead_owner_is_taken_over_after_the_watch_timeout() {
     );
     assert!(new.stop().success(), "{}", new.log());
 }
+
+/// A `/proc/PID/status` field's first word, e.g. `VmRSS` in kB.
+fn status_kb(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Whether this (root) test process has a capability, which the exporter it starts inherits.
+fn have_capability(bit: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << bit) != 0
+}
+
+/// The exporter sits in the block I/O path: memory pressure must neither deadlock it
+/// (PF_MEMALLOC_NOIO through PR_SET_IO_FLUSHER) nor let the OOM killer pick it, and its
+/// memory is locked, as it is touched only (MCL_ONFAULT: no ballooning). Where this
+/// machine withholds CAP_SYS_RESOURCE, the exporter must say what is lost instead.
+#[test]
+fn the_exporter_is_hardened_for_the_block_io_path() {
+    const PF_MEMALLOC_NOIO: u64 = 0x0008_0000;
+    const CAP_IPC_LOCK: u32 = 14;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let dir = tempdir();
+    let img = TestImage::create("exp-hard", 128, "layering,exclusive-lock");
+    let mut exp = Exporter::spawn(dir.path(), "hard", &img.name, "host-a", &[]);
+    exp.wait_state("serving", Duration::from_secs(30));
+    let pid = exp.pid();
+    println!(
+        "exporter VmRSS when serving: {} kB",
+        status_kb(pid, "VmRSS")
+    );
+    // Some I/O first, so the measurement includes librbd's working set.
+    let f = OpenOptions::new().write(true).open(exp.file()).unwrap();
+    let chunk = vec![0x5au8; 4 << 20];
+    for i in 0..16u64 {
+        f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+
+    let rss = status_kb(pid, "VmRSS");
+    let locked = status_kb(pid, "VmLck");
+    println!("exporter VmRSS after 64 MiB of writes: {rss} kB, VmLck {locked} kB");
+    assert!(rss < 200 * 1024, "the exporter's RSS ballooned: {rss} kB");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Field 9 (flags) is the 7th after the parenthesised command name.
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let flags: u64 = after_comm.split(' ').nth(6).unwrap().parse().unwrap();
+    let oom = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    let log = exp.log();
+    if have_capability(CAP_SYS_RESOURCE) {
+        assert_eq!(oom.trim(), "-1000", "{log}");
+        assert_ne!(flags & PF_MEMALLOC_NOIO, 0, "flags {flags:#x}\n{log}");
+    } else {
+        println!("no CAP_SYS_RESOURCE here: checking that the exporter says what is lost");
+        assert!(
+            log.contains("PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE")
+                && log.contains("can deadlock that volume"),
+            "{log}"
+        );
+        assert!(
+            log.contains("oom_score_adj") && log.contains("OOM killer may pick this exporter"),
+            "{log}"
+        );
+    }
+    if have_capability(CAP_IPC_LOCK) {
+        // VmLck counts whole locked mappings (thread stacks included), RSS only what
+        // was touched: a small RSS next to a large VmLck is MCL_ONFAULT at work.
+        assert!(locked > 0, "no memory locked: VmLck {locked} kB\n{log}");
+    } else {
+        assert!(log.contains("not locking the exporter's memory"), "{log}");
+    }
+    assert!(exp.stop().success(), "{}", exp.log());
+}
