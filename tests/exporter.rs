@@ -13,11 +13,11 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use common::{ceph_conf, image_meta, rbd, unique};
+use common::{blocklisted_until, ceph_conf, image_meta, rbd, unique};
 
 const MIB: u64 = 1 << 20;
 
@@ -636,6 +636,7 @@ fn dead_owner_is_taken_over_after_the_watch_timeout() {
     let mut old = Exporter::spawn(dir.path(), "old", &img.name, "host-old", &[]);
     let st = old.wait_state("serving", Duration::from_secs(30));
     let old_client = st["client"].as_str().unwrap().to_string();
+    let old_addr = st["addr"].as_str().unwrap().to_string();
     {
         // No truncation: the file's size is the image's.
         let f = OpenOptions::new().write(true).open(old.file()).unwrap();
@@ -686,6 +687,13 @@ fn dead_owner_is_taken_over_after_the_watch_timeout() {
     let st = new.wait_state("serving", Duration::from_secs(60));
     println!("dead owner taken over after {:?}", t.elapsed());
     assert_ne!(st["client"], old_client.as_str());
+    // Fenced for lock.fence_expiry (365 days by default), not the monitor's 1 hour:
+    // a dead-looking owner may only be cut off, with writes queued for its return.
+    let until = blocklisted_until(&old_addr);
+    assert!(
+        until.is_some_and(|t| t > SystemTime::now() + Duration::from_secs(300 * 86400)),
+        "old owner {old_addr} blocklisted until {until:?}"
+    );
     assert!(
         new.log().contains(&old_client),
         "the wait names the old owner: {}",
@@ -785,4 +793,49 @@ fn the_exporter_is_hardened_for_the_block_io_path() {
         assert!(log.contains("not locking the exporter's memory"), "{log}");
     }
     assert!(exp.stop().success(), "{}", exp.log());
+}
+
+/// `rbdvol lock break` fences the holder for lock.fence_expiry: its client is
+/// blocklisted before librbd's break (which would use the monitor's default expiry,
+/// and the monitor never extends an entry).
+#[test]
+fn lock_break_fences_the_owner_for_the_fence_expiry() {
+    use rbdvol::ceph::sys::{ConnectSpec, Rados};
+
+    let dir = tempdir();
+    let img = TestImage::create("exp-breakx", 64, "layering,exclusive-lock");
+    let mut exp = Exporter::spawn(dir.path(), "breakx", &img.name, "host-a", &[]);
+    let addr = exp.wait_state("serving", Duration::from_secs(30))["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rados = Rados::connect(&ConnectSpec {
+        cluster: "ceph".into(),
+        entity: "client.admin".into(),
+        conf: Some(ceph_conf().to_string_lossy().into_owned()),
+        keyring: None,
+        options: vec![("rados_osd_op_timeout".into(), "30".into())],
+    })
+    .expect("operator's client instance");
+    let expiry = Duration::from_secs(30 * 86400);
+    let said = rbdvol::lock::break_lock(&rados, &["rbd".to_string()], &img.name, expiry)
+        .expect("lock break");
+    assert!(
+        said.contains("blocklisted first") && !said.contains("WARNING"),
+        "{said}"
+    );
+    let until = blocklisted_until(&addr).expect("the holder is blocklisted");
+    let from_now = until
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .as_secs();
+    assert!(
+        (29 * 86400..31 * 86400).contains(&from_now),
+        "blocklisted for {from_now} s, not about {} s",
+        expiry.as_secs()
+    );
+    exp.wait_state("fenced", Duration::from_secs(10));
+    assert!(!exp.stop().success(), "{}", exp.log());
+    // The exporter has exited: its entry protects nothing now (the daemon would do this).
+    rbdvol::ceph::images::unblocklist(&rados, &addr).unwrap();
 }

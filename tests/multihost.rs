@@ -359,15 +359,6 @@ fn ceph(args: &[&str]) -> String {
     text
 }
 
-/// Until when `addr` is on the blocklist, from `ceph osd blocklist ls`.
-fn blocklisted_until(addr: &str) -> Option<std::time::SystemTime> {
-    blocklist().lines().find_map(|l| {
-        let (a, until) = l.split_once(' ')?;
-        // `2027-12-02T02:34:16.214411+0000`: the cluster's clock is this machine's, in UTC.
-        (a == addr).then(|| humantime::parse_rfc3339_weak(&format!("{}Z", &until[..19])).ok())?
-    })
-}
-
 /// A host cut off for longer than the monitor's default blocklist expiry (what librbd
 /// gives the client it fences in a takeover) comes back still fenced: its queued writes
 /// never land on the volume another host now owns, and its entry outlives it.
