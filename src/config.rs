@@ -90,6 +90,11 @@ pub struct LockSettings {
     /// dead (and fenced). Keep it inside Docker's 2-minute Mount limit.
     #[serde(with = "humantime_serde")]
     pub takeover_wait: Duration,
+    /// How long a displaced lock owner (taken over or broken) stays on the OSD
+    /// blocklist. Far longer than any cut-off host's queued writes can wait: the entry
+    /// is removed earlier once that owner's exporter is known to have exited.
+    #[serde(with = "humantime_serde")]
+    pub fence_expiry: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +146,7 @@ impl Default for LockSettings {
     fn default() -> Self {
         LockSettings {
             takeover_wait: Duration::from_secs(60),
+            fence_expiry: Duration::from_secs(365 * 24 * 3600),
         }
     }
 }
@@ -307,6 +313,12 @@ impl Settings {
         if self.lock.takeover_wait > Duration::from_secs(100) {
             return Err(Error::Config(
                 "lock.takeover_wait must stay under 100s: Docker abandons a Mount after 2 minutes"
+                    .into(),
+            ));
+        }
+        if self.lock.fence_expiry < Duration::from_secs(3600) {
+            return Err(Error::Config(
+                "lock.fence_expiry must be at least 1h: a fenced host that comes back after it expires can land its queued writes"
                     .into(),
             ));
         }

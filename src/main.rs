@@ -183,7 +183,12 @@ fn lock_command(cmd: &LockCommand) -> Result<()> {
             rbdvol::driver::names::validate(volume)?;
             println!(
                 "{}",
-                rbdvol::lock::break_lock(&rados, &settings.ceph.pools, volume)?
+                rbdvol::lock::break_lock(
+                    &rados,
+                    &settings.ceph.pools,
+                    volume,
+                    settings.lock.fence_expiry
+                )?
             );
         }
     }

@@ -13,11 +13,11 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use common::{ceph_conf, image_meta, rbd, unique};
+use common::{blocklisted_until, ceph_conf, image_meta, rbd, unique};
 
 const MIB: u64 = 1 << 20;
 
@@ -636,6 +636,7 @@ fn dead_owner_is_taken_over_after_the_watch_timeout() {
     let mut old = Exporter::spawn(dir.path(), "old", &img.name, "host-old", &[]);
     let st = old.wait_state("serving", Duration::from_secs(30));
     let old_client = st["client"].as_str().unwrap().to_string();
+    let old_addr = st["addr"].as_str().unwrap().to_string();
     {
         // No truncation: the file's size is the image's.
         let f = OpenOptions::new().write(true).open(old.file()).unwrap();
@@ -686,6 +687,13 @@ fn dead_owner_is_taken_over_after_the_watch_timeout() {
     let st = new.wait_state("serving", Duration::from_secs(60));
     println!("dead owner taken over after {:?}", t.elapsed());
     assert_ne!(st["client"], old_client.as_str());
+    // Fenced for lock.fence_expiry (365 days by default), not the monitor's 1 hour:
+    // a dead-looking owner may only be cut off, with writes queued for its return.
+    let until = blocklisted_until(&old_addr);
+    assert!(
+        until.is_some_and(|t| t > SystemTime::now() + Duration::from_secs(300 * 86400)),
+        "old owner {old_addr} blocklisted until {until:?}"
+    );
     assert!(
         new.log().contains(&old_client),
         "the wait names the old owner: {}",
@@ -701,4 +709,133 @@ fn dead_owner_is_taken_over_after_the_watch_timeout() {
         Some("host-new")
     );
     assert!(new.stop().success(), "{}", new.log());
+}
+
+/// A `/proc/PID/status` field's first word, e.g. `VmRSS` in kB.
+fn status_kb(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Whether this (root) test process has a capability, which the exporter it starts inherits.
+fn have_capability(bit: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << bit) != 0
+}
+
+/// The exporter sits in the block I/O path: memory pressure must neither deadlock it
+/// (PF_MEMALLOC_NOIO through PR_SET_IO_FLUSHER) nor let the OOM killer pick it, and its
+/// memory is locked, as it is touched only (MCL_ONFAULT: no ballooning). Where this
+/// machine withholds CAP_SYS_RESOURCE, the exporter must say what is lost instead.
+#[test]
+fn the_exporter_is_hardened_for_the_block_io_path() {
+    const PF_MEMALLOC_NOIO: u64 = 0x0008_0000;
+    const CAP_IPC_LOCK: u32 = 14;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let dir = tempdir();
+    let img = TestImage::create("exp-hard", 128, "layering,exclusive-lock");
+    let mut exp = Exporter::spawn(dir.path(), "hard", &img.name, "host-a", &[]);
+    exp.wait_state("serving", Duration::from_secs(30));
+    let pid = exp.pid();
+    println!(
+        "exporter VmRSS when serving: {} kB",
+        status_kb(pid, "VmRSS")
+    );
+    // Some I/O first, so the measurement includes librbd's working set.
+    let f = OpenOptions::new().write(true).open(exp.file()).unwrap();
+    let chunk = vec![0x5au8; 4 << 20];
+    for i in 0..16u64 {
+        f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+
+    let rss = status_kb(pid, "VmRSS");
+    let locked = status_kb(pid, "VmLck");
+    println!("exporter VmRSS after 64 MiB of writes: {rss} kB, VmLck {locked} kB");
+    assert!(rss < 200 * 1024, "the exporter's RSS ballooned: {rss} kB");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Field 9 (flags) is the 7th after the parenthesised command name.
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let flags: u64 = after_comm.split(' ').nth(6).unwrap().parse().unwrap();
+    let oom = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    let log = exp.log();
+    if have_capability(CAP_SYS_RESOURCE) {
+        assert_eq!(oom.trim(), "-1000", "{log}");
+        assert_ne!(flags & PF_MEMALLOC_NOIO, 0, "flags {flags:#x}\n{log}");
+    } else {
+        println!("no CAP_SYS_RESOURCE here: checking that the exporter says what is lost");
+        assert!(
+            log.contains("PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE")
+                && log.contains("can deadlock that volume"),
+            "{log}"
+        );
+        assert!(
+            log.contains("oom_score_adj") && log.contains("OOM killer may pick this exporter"),
+            "{log}"
+        );
+    }
+    if have_capability(CAP_IPC_LOCK) {
+        // VmLck counts whole locked mappings (thread stacks included), RSS only what
+        // was touched: a small RSS next to a large VmLck is MCL_ONFAULT at work.
+        assert!(locked > 0, "no memory locked: VmLck {locked} kB\n{log}");
+    } else {
+        assert!(log.contains("not locking the exporter's memory"), "{log}");
+    }
+    assert!(exp.stop().success(), "{}", exp.log());
+}
+
+/// `rbdvol lock break` fences the holder for lock.fence_expiry: its client is
+/// blocklisted before librbd's break (which would use the monitor's default expiry,
+/// and the monitor never extends an entry).
+#[test]
+fn lock_break_fences_the_owner_for_the_fence_expiry() {
+    use rbdvol::ceph::sys::{ConnectSpec, Rados};
+
+    let dir = tempdir();
+    let img = TestImage::create("exp-breakx", 64, "layering,exclusive-lock");
+    let mut exp = Exporter::spawn(dir.path(), "breakx", &img.name, "host-a", &[]);
+    let addr = exp.wait_state("serving", Duration::from_secs(30))["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rados = Rados::connect(&ConnectSpec {
+        cluster: "ceph".into(),
+        entity: "client.admin".into(),
+        conf: Some(ceph_conf().to_string_lossy().into_owned()),
+        keyring: None,
+        options: vec![("rados_osd_op_timeout".into(), "30".into())],
+    })
+    .expect("operator's client instance");
+    let expiry = Duration::from_secs(30 * 86400);
+    let said = rbdvol::lock::break_lock(&rados, &["rbd".to_string()], &img.name, expiry)
+        .expect("lock break");
+    assert!(
+        said.contains("blocklisted first") && !said.contains("WARNING"),
+        "{said}"
+    );
+    let until = blocklisted_until(&addr).expect("the holder is blocklisted");
+    let from_now = until
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .as_secs();
+    assert!(
+        (29 * 86400..31 * 86400).contains(&from_now),
+        "blocklisted for {from_now} s, not about {} s",
+        expiry.as_secs()
+    );
+    exp.wait_state("fenced", Duration::from_secs(10));
+    assert!(!exp.stop().success(), "{}", exp.log());
+    // The exporter has exited: its entry protects nothing now (the daemon would do this).
+    rbdvol::ceph::images::unblocklist(&rados, &addr).unwrap();
 }

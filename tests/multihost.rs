@@ -307,6 +307,131 @@ fn a_cut_off_host_is_taken_over_and_fences_itself_when_it_returns() {
     assert_eq!(o.double_writes, 0);
 }
 
+/// Sets the monitor's default blocklist expiry (what librbd's own blocklisting in a
+/// takeover uses) for one test and puts the old value back when dropped, even when the
+/// test fails. A runtime override (`ceph tell`): `ceph config set` would lose to the
+/// value ceph-up writes into the ceph.conf.
+struct MonDefaultExpiry {
+    previous: String,
+}
+
+impl MonDefaultExpiry {
+    const KEY: &'static str = "mon_osd_blocklist_default_expire";
+
+    fn set(secs: u64) -> MonDefaultExpiry {
+        let out = ceph(&["tell", "mon.*", "config", "get", Self::KEY]);
+        let json = &out[out.find('{').unwrap_or_else(|| panic!("config get: {out}"))..];
+        let v: serde_json::Value = serde_json::Deserializer::from_str(json)
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap();
+        let previous = v[Self::KEY].as_str().unwrap().to_string();
+        ceph(&[
+            "tell",
+            "mon.*",
+            "config",
+            "set",
+            Self::KEY,
+            &secs.to_string(),
+        ]);
+        MonDefaultExpiry { previous }
+    }
+}
+
+impl Drop for MonDefaultExpiry {
+    fn drop(&mut self) {
+        ceph(&["tell", "mon.*", "config", "set", Self::KEY, &self.previous]);
+    }
+}
+
+/// Runs the ceph CLI against the test cluster; panics on failure.
+fn ceph(args: &[&str]) -> String {
+    let out = std::process::Command::new("timeout")
+        .args(["-k", "5", "60", "ceph", "-c"])
+        .arg(ceph_conf())
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ceph {args:?}: {text}");
+    text
+}
+
+/// A host cut off for longer than the monitor's default blocklist expiry (what librbd
+/// gives the client it fences in a takeover) comes back still fenced: its queued writes
+/// never land on the volume another host now owns, and its entry outlives it.
+#[test]
+fn a_host_cut_off_longer_than_the_default_blocklist_expiry_stays_fenced() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(net) = net_or_skip("long partition") else {
+        return;
+    };
+    const SHORT: u64 = 8;
+    let _short = MonDefaultExpiry::set(SHORT);
+    let (a, b) = (host(&net, 0, "5s"), host(&net, 1, "60s"));
+    let name = unique("mh-long");
+    a.create(&name, r#"{"size":"64M"}"#);
+    let mp = a.mount(&name, &mount_id(1));
+    let a_addr = a.exporter_state(&name)["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut writer = Writer::start(mp.join("log"));
+    std::thread::sleep(Duration::from_secs(1));
+
+    set_link(&net.link[0], false);
+    let mp_b = b.mount(&name, &mount_id(2));
+    let took_over = Instant::now();
+    // An entry with the short default expires SHORT s after the takeover; the monitor
+    // drops it at its next tick (every 5 s). Stay cut off well past that.
+    std::thread::sleep(Duration::from_secs(SHORT + 5 + 7));
+    let until = blocklisted_until(&a_addr);
+    set_link(&net.link[0], true);
+
+    let year = Duration::from_secs(300 * 24 * 3600);
+    assert!(
+        until.is_some_and(|t| t > std::time::SystemTime::now() + year),
+        "A's client {a_addr} is not fenced for long: blocklisted until {until:?} (the monitor's default here is {SHORT} s)\n{}",
+        blocklist()
+    );
+    assert!(
+        wait_fenced(&a, &name, Duration::from_secs(30)),
+        "A never noticed it was fenced:\n{}",
+        a.log()
+    );
+    assert!(
+        blocklisted_until(&a_addr).is_some(),
+        "A's entry went away while its exporter still runs"
+    );
+    let _ = writer.finish(Duration::from_secs(20));
+    let acked = writer.acked();
+    let late: Vec<u64> = acked
+        .iter()
+        .filter(|(_, t)| *t > took_over)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(
+        late,
+        Vec::<u64>::new(),
+        "A acknowledged writes after the takeover"
+    );
+    assert!(!acked.is_empty());
+    assert_eq!(
+        lost_records(&mp_b.join("log"), &acked),
+        Vec::<u64>::new(),
+        "acknowledged writes lost"
+    );
+    b.unmount(&name, &mount_id(2));
+    a.unmount(&name, &mount_id(1));
+    // A's fenced exporter has exited: its host removed the year-long entry.
+    assert!(
+        blocklisted_until(&a_addr).is_none(),
+        "stale blocklist entry {a_addr} left behind"
+    );
+}
+
 /// `integration/trials N`: repeats the takeover scenarios with random timing and
 /// reports double-writer incidents, lost acknowledged writes and takeover times.
 #[test]

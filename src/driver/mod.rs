@@ -84,6 +84,7 @@ impl Driver {
             exe,
             ceph: settings.ceph.clone(),
             dir: settings.state_dir.join("exports"),
+            fence_expiry: settings.lock.fence_expiry,
         };
         let table = RefTable::load(&settings.state_dir.join("refs.json"))?;
         let attacher = Attacher {

@@ -15,7 +15,9 @@
 //!   record, released the lock and exited 0.
 
 mod fs;
+mod harden;
 mod lock;
+mod ownership;
 mod serve;
 mod state;
 
@@ -62,13 +64,17 @@ pub struct ExportArgs {
     /// Host identity recorded as the image's owner.
     #[arg(long, value_name = "ID")]
     pub host_id: String,
-    /// How long to wait for the exclusive lock (a dead owner is fenced within the
-    /// cluster's watch timeout; a live owner refuses at once).
+    /// How long to wait for the exclusive lock (a dead owner is declared dead, fenced
+    /// and taken over once its watch times out; a live owner is waited for).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub lock_wait: u64,
     /// Expose the image read-only (the lock is still taken: one host at a time).
     #[arg(long)]
     pub read_only: bool,
+    /// How long a previous owner this exporter takes over from stays on the OSD
+    /// blocklist (`lock.fence_expiry`): longer than any cut-off host's queued writes.
+    #[arg(long, value_name = "DURATION", default_value = "365days", value_parser = humantime::parse_duration)]
+    pub fence_expiry: Duration,
 }
 
 /// FUSE worker threads: the loop device keeps several requests in flight, and the
@@ -112,6 +118,9 @@ impl From<Error> for Failure {
 
 pub fn run(args: &ExportArgs) -> Result<()> {
     init_logging();
+    // First of all: PR_SET_IO_FLUSHER is per thread, inherited only by threads created
+    // after it (the signal thread, librados', FUSE's).
+    harden::for_block_io();
     let (tx, rx) = mpsc::channel();
     // Before any other thread exists (librados starts many), so all of them inherit
     // the blocked mask and only the signal thread ever sees a stop signal.
@@ -257,7 +266,14 @@ fn start(
     })?;
     let image = Arc::new(image);
     let size = lock::preflight(&image, label)?;
-    lock::acquire(&image, label, Duration::from_secs(args.lock_wait), tx, rx)?;
+    let taking = lock::Taking {
+        rados: &rados,
+        image: &image,
+        label,
+        ours: &addr,
+        fence_expiry: args.fence_expiry,
+    };
+    lock::acquire(&taking, Duration::from_secs(args.lock_wait), tx, rx)?;
     // From here on the lock is ours: every failure path releases it.
     let owned = Owned {
         rados,

@@ -41,6 +41,9 @@ pub struct Exporters {
     pub ceph: CephSettings,
     /// `<state_dir>/exports`: one directory per mapped image.
     pub dir: PathBuf,
+    /// `lock.fence_expiry`, handed to every exporter as `--fence-expiry`: how long a
+    /// previous owner it takes a volume from stays blocklisted.
+    pub fence_expiry: Duration,
 }
 
 const STOP_GRACE: Duration = Duration::from_secs(20);
@@ -151,6 +154,10 @@ impl Exporters {
         if req.read_only {
             cmd.arg("--read-only");
         }
+        cmd.args([
+            "--fence-expiry",
+            &humantime::format_duration(self.fence_expiry).to_string(),
+        ]);
         let mut child = cmd
             .spawn()
             .map_err(|e| Error::io("starting the rbdvol exporter", e))?;

@@ -5,7 +5,7 @@
 //! break a lock (librbd blocklists the holder before breaking, so it is fenced).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::ceph::images::{self, ImageFacts};
 use crate::ceph::{ceph_err, sys::Rados};
@@ -111,10 +111,60 @@ pub fn list(rados: &Rados, pools: &[String]) -> Result<Vec<LockRow>> {
     Ok(rows)
 }
 
-/// Breaks the exclusive lock on `volume`. librbd blocklists the holder's client
-/// instance first (`rbd_blocklist_on_break_lock`), so the holder can never write to
-/// the volume again; only then is the lock gone. Returns what was done, in words.
-pub fn break_lock(rados: &Rados, pools: &[String], volume: &str) -> Result<String> {
+/// Blocklists a lock owner that is being displaced (declared dead, or broken by the
+/// operator) for `expiry`, before anything else blocklists it. Fencing must outlive the
+/// fenced client: an exporter waits for the cluster forever (`rados_osd_op_timeout=0`),
+/// so a host cut off for longer than the blocklist entry would land its queued writes
+/// once the entry expired. The entry is removed early only when the fenced client is
+/// known to have exited (the daemon of its host does that on unmount).
+///
+/// Returns whether the client is fenced for the whole `expiry`. Failing is logged at
+/// ERROR but not fatal: librbd's own blocklisting still fences it, for the monitor's
+/// default expiry only.
+pub fn fence_owner(rados: &Rados, addr: &str, expiry: Duration) -> bool {
+    let wanted = SystemTime::now() + expiry;
+    match images::blocklist(rados, addr, expiry) {
+        // A minute of slack for clock skew between this host and the monitor.
+        Ok(until) if until + Duration::from_secs(60) >= wanted => {
+            tracing::info!(client = addr, until = %humantime::format_rfc3339_seconds(until), "fenced the previous lock owner: blocklisted until it is known to have exited");
+            true
+        }
+        Ok(until) => {
+            tracing::error!(
+                client = addr,
+                until = %humantime::format_rfc3339_seconds(until),
+                wanted = %humantime::format_rfc3339_seconds(wanted),
+                "the previous lock owner was already on the blocklist with an earlier expiry, which the monitor keeps: \
+                 it is fenced only until then. If it is cut off and comes back later, its queued writes land on this \
+                 volume. Keep it fenced with `ceph osd blocklist rm ADDR` followed at once by \
+                 `ceph osd blocklist add ADDR SECONDS` while it is still cut off, or stop it"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::error!(
+                client = addr,
+                error = %e,
+                "could not blocklist the previous lock owner for lock.fence_expiry: it is fenced only by librbd's \
+                 own blocklisting, which lasts the monitor's default expiry (mon_osd_blocklist_default_expire, \
+                 1 hour by default). If it is cut off for longer and then comes back, its queued writes land on \
+                 this volume. Check this client's cephx caps (`profile rbd` allows `osd blocklist add`)"
+            );
+            false
+        }
+    }
+}
+
+/// Breaks the exclusive lock on `volume`. Each holder's client instance is blocklisted
+/// first, for `fence_expiry` ([`fence_owner`]), and librbd's break blocklists it again
+/// (a no-op then), so the holder can never write to the volume again; only then is the
+/// lock gone. Returns what was done, in words.
+pub fn break_lock(
+    rados: &Rados,
+    pools: &[String],
+    volume: &str,
+    fence_expiry: Duration,
+) -> Result<String> {
     let facts = images::describe_in(rados, pools, volume)?
         .ok_or_else(|| Error::NotFound(volume.to_string()))?;
     let pool = facts.pool.clone();
@@ -137,7 +187,11 @@ pub fn break_lock(rados: &Rados, pools: &[String], volume: &str) -> Result<Strin
         .open(volume)
         .map_err(|e| ceph_err(format!("opening image {pool}/{volume}"), e))?;
     let mut done = Vec::new();
+    let mut short = Vec::new();
     for o in &holders {
+        if !fence_owner(rados, &o.addr, fence_expiry) {
+            short.push(o.addr.clone());
+        }
         match image.lock_break(&o.addr) {
             Ok(()) => done.push(o.describe()),
             // Released meanwhile: nothing left to break.
@@ -156,10 +210,18 @@ pub fn break_lock(rados: &Rados, pools: &[String], volume: &str) -> Result<Strin
     for key in ["owner.host", "owner.addr", "owner.client", "owner.since"] {
         let _ = image.metadata_remove(&format!("{}{key}", images::META_PREFIX));
     }
-    Ok(format!(
+    let mut msg = format!(
         "broke the exclusive lock of {pool}/{volume} held by {}; that client was blocklisted first, so it can no longer write to this volume (its other volumes are unaffected: each mapping has its own client). The volume can now be mounted on another host.",
         done.join(", ")
-    ))
+    );
+    if !short.is_empty() {
+        msg.push_str(&format!(
+            " WARNING: {} could not be blocklisted for {} (see the log above); it is fenced only for the monitor's default blocklist expiry.",
+            short.join(", "),
+            humantime::format_duration(fence_expiry)
+        ));
+    }
+    Ok(msg)
 }
 
 #[cfg(test)]

@@ -237,6 +237,30 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Marks the calling thread, and every thread it creates afterwards, as an I/O flusher
+/// (`PR_SET_IO_FLUSHER`, Linux 5.6+): its allocations never wait on I/O (the kernel
+/// sets PF_MEMALLOC_NOIO), so a process that serves a block device cannot deadlock
+/// waiting for memory that only its own I/O would free. Needs CAP_SYS_RESOURCE. Here
+/// because nix has no safe wrapper for it and this is the crate's one unsafe module.
+pub fn set_io_flusher() -> std::io::Result<()> {
+    const PR_SET_IO_FLUSHER: c_int = 57;
+    // SAFETY: prctl with integer arguments only; nothing is read or written through them.
+    let rc = unsafe {
+        libc::prctl(
+            PR_SET_IO_FLUSHER,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 pub(super) fn c_buffer_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()

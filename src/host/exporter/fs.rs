@@ -15,6 +15,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use super::ownership::{judge, Verdict};
 use super::Event;
 use crate::ceph::sys::{self, OwnedImage};
 
@@ -55,8 +56,16 @@ pub struct Backend {
     drained: Condvar,
     size: AtomicU64,
     label: String,
+    /// This client's address, to tell our own lock (new cookie) from another's.
+    ours: String,
     events: Sender<Event>,
+    /// Since when librbd has said "not the owner" without anything confirming a loss,
+    /// and whether that was already reported as lasting.
+    unconfirmed: Mutex<Option<(Instant, bool)>>,
 }
+
+/// A "not the owner" state lasting this long without confirmation is logged as a warning.
+const UNCONFIRMED_WARN: Duration = Duration::from_secs(10);
 
 /// One request's permission to use the image; leaving the gate on drop.
 pub struct Op<'a> {
@@ -75,8 +84,16 @@ impl Drop for Op<'_> {
 }
 
 impl Backend {
-    pub fn new(image: Arc<OwnedImage>, size: u64, label: String, events: Sender<Event>) -> Backend {
+    pub fn new(
+        image: Arc<OwnedImage>,
+        size: u64,
+        label: String,
+        ours: String,
+        events: Sender<Event>,
+    ) -> Backend {
         Backend {
+            ours,
+            unconfirmed: Mutex::new(None),
             gate: Mutex::new(Gate {
                 phase: Phase::Serving,
                 inflight: 0,
@@ -134,18 +151,55 @@ impl Backend {
         let _ = self.events.send(Event::Fenced(reason.to_string()));
     }
 
+    /// Asks librbd whether the lock is still ours and, if not, whether that is fencing
+    /// ([`judge`]); fences only when it is.
+    fn verify(&self, op: &Op<'_>, context: &str) -> Verdict {
+        let verdict = judge(
+            op.image.is_lock_owner(),
+            || op.image.lock_owners(),
+            &self.ours,
+        );
+        match &verdict {
+            Verdict::Owner => {
+                if let Some((since, _)) = self.unconfirmed_state().take() {
+                    tracing::info!(image = %self.label, after_ms = since.elapsed().as_millis() as u64, "the exclusive lock is this client's again");
+                }
+            }
+            Verdict::Fenced(reason) => self.fence(&format!("{context}{reason}")),
+            Verdict::Transient(reason) => self.not_confirmed(reason),
+        }
+        verdict
+    }
+
+    fn unconfirmed_state(&self) -> MutexGuard<'_, Option<(Instant, bool)>> {
+        self.unconfirmed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Not the owner, but not fenced either: said once, then again as a warning if it
+    /// lasts. Writes meanwhile fail (EIO for that request) without ending the mapping.
+    fn not_confirmed(&self, reason: &str) {
+        let mut u = self.unconfirmed_state();
+        match u.as_mut() {
+            None => {
+                *u = Some((Instant::now(), false));
+                tracing::info!(image = %self.label, reason, "not the lock owner at the moment, but nothing shows another owner or a blocklisting: not fenced; checking again");
+            }
+            Some((since, warned)) if !*warned && since.elapsed() >= UNCONFIRMED_WARN => {
+                *warned = true;
+                tracing::warn!(image = %self.label, reason, secs = since.elapsed().as_secs(), "still not the lock owner, with no other owner and no blocklisting seen; writes fail with EIO meanwhile");
+            }
+            Some(_) => tracing::debug!(image = %self.label, reason, "still not the lock owner"),
+        }
+    }
+
     /// Turns a librbd error into the errno for the kernel, fencing when the error means
     /// the lock is gone: ESHUTDOWN is a blocklisted client; EROFS on a write means the
-    /// managed lock is not ours (confirmed with the owner check).
+    /// managed lock is not ours at this moment, which is fencing only if confirmed.
     fn failed(&self, op: &Op<'_>, what: &str, err: sys::Errno, write: bool) -> Errno {
         if err.0 == libc::ESHUTDOWN {
             self.fence(&format!("{what}: {}", err.describe()));
         } else if write && err.0 == libc::EROFS {
-            match op.image.is_lock_owner() {
-                Ok(true) => {}
-                Ok(false) => self.fence(&format!("{what}: EROFS and no longer the lock owner")),
-                Err(e) => self.fence(&format!("{what}: EROFS; owner check: {}", e.describe())),
-            }
+            self.verify(op, &format!("{what}: EROFS; "));
         }
         if !self.is_fenced() {
             tracing::warn!(image = %self.label, error = %err.describe(), "{what} failed");
@@ -159,18 +213,10 @@ impl Backend {
         let Some(op) = self.begin() else {
             return false;
         };
-        match op.image.is_lock_owner() {
-            Ok(true) => {}
-            Ok(false) => {
-                drop(op);
-                self.fence("the owner check says this client no longer holds the exclusive lock");
-                return false;
-            }
-            Err(e) => {
-                drop(op);
-                self.fence(&format!("owner check: {}", e.describe()));
-                return false;
-            }
+        match self.verify(&op, "") {
+            Verdict::Owner => {}
+            Verdict::Transient(_) => return true,
+            Verdict::Fenced(_) => return false,
         }
         if let Ok(st) = op.image.stat() {
             let old = self.size.swap(st.size, Ordering::Relaxed);

@@ -1,14 +1,16 @@
 //! Ownership of the image: the checks before taking librbd's managed exclusive lock,
-//! taking it under a deadline, naming whoever holds it instead, and the owner record
+//! taking it under a deadline (declaring a dead owner dead and fencing it for good
+//! first), naming whoever holds it instead, and the owner record
 //! (`rbdvol.owner.*` image metadata) that tells other hosts who we are.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Event, Failure};
 use crate::ceph::ceph_err;
-use crate::ceph::sys::{Image, OwnedImage};
+use crate::ceph::images::same_client;
+use crate::ceph::sys::{Image, OwnedImage, Rados};
 use crate::error::{Error, Result};
 
 pub const OWNER_HOST: &str = "rbdvol.owner.host";
@@ -54,144 +56,209 @@ pub fn preflight(image: &Image<'_>, label: &str) -> Result<u64> {
 
 /// Takes the managed exclusive lock, waiting at most `wait`.
 ///
-/// `rbd_lock_acquire` returns EROFS at once when a live owner refuses, and blocks while
-/// a dead owner is being declared dead (its watch must time out; librbd then blocklists
-/// it, which is the fencing). It cannot be cancelled, so it runs on its own thread and
-/// the wait here is what is bounded. A stop signal ends the wait too.
+/// rbdvol declares a previous owner dead itself, by librbd's own test (its client
+/// address has no watch on the image any more: the cluster dropped it after the watch
+/// timeout), and fences it ([`crate::lock::fence_owner`]) *before* breaking its lock.
+/// librbd's automatic takeover would blocklist it first, with the monitor's default
+/// expiry (1 hour), and the monitor never extends an existing entry: a host cut off
+/// for longer would then land its queued writes. So `rbd_lock_acquire` is only called
+/// on a lock nobody holds, and returns at once; while a holder still has a watch (live,
+/// or dead and not yet timed out) this waits, polling, until it releases or its watch
+/// times out. A stop signal ends the wait too.
 pub fn acquire(
-    image: &Arc<OwnedImage>,
-    label: &str,
+    take: &Taking<'_>,
     wait: Duration,
     tx: &Sender<Event>,
     rx: &Receiver<Event>,
 ) -> std::result::Result<(), Failure> {
+    let (image, label) = (take.image, take.label);
     // Even --lock-wait 0 lets a free lock's immediate answer arrive.
     let wait = wait.max(Duration::from_millis(500));
     let started = Instant::now();
     let deadline = started + wait;
-    let attempt = || {
-        let img = image.clone();
-        let done = tx.clone();
-        std::thread::Builder::new()
-            .name("lock-acquire".into())
-            .spawn(move || {
-                let _ = done.send(Event::Locked(img.lock_acquire_exclusive()));
-            })
-            .map_err(|e| Failure {
-                error: Error::io("starting the lock thread", e),
-                still_blocked: false,
-            })
-    };
-    let mut helper = attempt()?;
     let mut said_waiting = false;
     loop {
-        let now = Instant::now();
-        // Say once, early, that we are waiting: a dead owner takes a watch timeout.
-        let tick = if said_waiting {
-            deadline.saturating_duration_since(now)
+        // Live from the image header: the handle's lock list (`lockers`) is a cache
+        // that a break by this very client does not refresh.
+        let holders: Vec<String> = image
+            .lock_owners()
+            .map_err(|e| ceph_err(format!("reading the lock owner of {label}"), e))?
+            .into_iter()
+            .filter(|a| !same_client(a, take.ours))
+            .collect();
+        if holders.is_empty() {
+            // False: someone else took it between the look and the attempt.
+            if attempt(image, label, deadline, tx, rx)? {
+                return taken(started, label);
+            }
         } else {
-            Duration::from_secs(2).min(deadline.saturating_duration_since(now))
-        };
-        match rx.recv_timeout(tick) {
+            let watchers = image
+                .watchers()
+                .map_err(|e| ceph_err(format!("listing the watchers of {label}"), e))?;
+            let dead: Vec<&String> = holders
+                .iter()
+                .filter(|a| !watchers.iter().any(|w| same_client(&w.addr, a)))
+                .collect();
+            for addr in &dead {
+                tracing::warn!(image = %label, owner = %owner_words(image, addr), "the lock owner's watch has timed out: declaring it dead, fencing it and taking the lock over");
+                crate::lock::fence_owner(take.rados, addr, take.fence_expiry);
+                match image.lock_break(addr) {
+                    Ok(()) => {
+                        tracing::info!(image = %label, owner = %addr, "broke the dead owner's lock")
+                    }
+                    // Released or changed hands meanwhile: look again.
+                    Err(e) if e.0 == libc::ENOENT || e.0 == libc::EBUSY => {}
+                    Err(e) => {
+                        return Err(ceph_err(
+                            format!("breaking the lock of {label} held by a dead owner, {addr}"),
+                            e,
+                        )
+                        .into())
+                    }
+                }
+            }
+            if dead.is_empty() && !said_waiting {
+                said_waiting = true;
+                tracing::info!(image = %label, owner = %describe_owner(image), "waiting for the exclusive lock: its owner still has a watch on the image (live, or dead and its watch not yet timed out)");
+            }
+        }
+        if Instant::now() + POLL >= deadline {
+            return Err(Error::InUse {
+                name: label.to_string(),
+                holder: format!(
+                    "still waiting for the lock after {}s: its owner, {}, is live and did not release it, \
+                     or it died and the cluster has not declared it dead yet (its watch times out after \
+                     osd_client_watch_timeout, 30 s by default); try again later",
+                    wait.as_secs(),
+                    describe_owner(image)
+                ),
+            }
+            .into());
+        }
+        if let Ok(Event::Signal(sig)) = rx.recv_timeout(POLL) {
+            return Err(stopped_while_waiting(sig, label, false));
+        }
+    }
+}
+
+/// What [`acquire`] needs besides the image.
+pub struct Taking<'a> {
+    pub rados: &'a Rados,
+    pub image: &'a Arc<OwnedImage>,
+    pub label: &'a str,
+    /// This client's address: a lock it holds (after a reconnect) is not someone else's.
+    pub ours: &'a str,
+    pub fence_expiry: Duration,
+}
+
+/// Between two looks at who holds the lock.
+const POLL: Duration = Duration::from_millis(250);
+
+/// One `rbd_lock_acquire` on a lock nobody held a moment ago: true once ours, false
+/// if someone else was faster (EROFS). It cannot be cancelled, so it runs on its own
+/// thread and only the wait is bounded; it blocks only if the new holder dies at once.
+fn attempt(
+    image: &Arc<OwnedImage>,
+    label: &str,
+    deadline: Instant,
+    tx: &Sender<Event>,
+    rx: &Receiver<Event>,
+) -> std::result::Result<bool, Failure> {
+    let img = image.clone();
+    let done = tx.clone();
+    let helper = std::thread::Builder::new()
+        .name("lock-acquire".into())
+        .spawn(move || {
+            let _ = done.send(Event::Locked(img.lock_acquire_exclusive()));
+        })
+        .map_err(|e| Error::io("starting the lock thread", e))?;
+    // At least a few seconds: a free lock answers within milliseconds.
+    let until = deadline.max(Instant::now() + Duration::from_secs(5));
+    loop {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(Event::Locked(result)) => {
                 // Joined so that its image reference is gone too: the image must be
                 // closable by its last owner later.
                 let _ = helper.join();
-                // A live owner refused. It may release soon (its container stops):
-                // ask again until the wait is over, staying responsive to signals.
-                let refused = matches!(&result, Err(e) if e.0 == libc::EROFS);
-                if refused && Instant::now() + RETRY_PAUSE < deadline {
-                    if !said_waiting {
-                        said_waiting = true;
-                        tracing::info!(image = %label, owner = %describe_owner(image), "a live owner holds the lock; waiting for it to release");
+                return match result {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.0 == libc::EROFS => Ok(false),
+                    Err(e) => {
+                        Err(ceph_err(format!("taking the exclusive lock of {label}"), e).into())
                     }
-                    if let Ok(Event::Signal(sig)) = rx.recv_timeout(RETRY_PAUSE) {
-                        return Err(stopped_while_waiting(sig, label));
-                    }
-                    helper = attempt()?;
-                    continue;
-                }
-                return taken(result, image, label, started);
+                };
             }
-            Ok(Event::Signal(sig)) => return Err(stopped_while_waiting(sig, label)),
+            Ok(Event::Signal(sig)) => return Err(stopped_while_waiting(sig, label, true)),
             Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
-                said_waiting = true;
-                tracing::info!(image = %label, owner = %describe_owner(image), "waiting for the exclusive lock: the previous owner looks dead and is being declared so");
-            }
             Err(_) => {
                 return Err(Failure {
                     error: Error::InUse {
                         name: label.to_string(),
                         holder: format!(
-                            "still waiting for the lock after {}s: its owner, {}, is being declared dead \
-                             (the cluster fences it once its watch times out), or a live owner is not \
-                             answering; try again later",
-                            wait.as_secs(),
-                            describe_owner(image)
-                        ),
+                        "the lock was free but taking it did not finish: another client took it \
+                             first, {}; try again later",
+                        describe_owner(image)
+                    ),
                     },
                     still_blocked: true,
-                });
+                })
             }
         }
     }
 }
 
-/// Between two attempts on a lock a live owner refused.
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
-
-fn stopped_while_waiting(sig: impl std::fmt::Display, label: &str) -> Failure {
+fn stopped_while_waiting(sig: impl std::fmt::Display, label: &str, blocked: bool) -> Failure {
     Failure {
         error: Error::Command {
             program: "rbdvol export".into(),
             detail: format!("stopped by signal {sig} while waiting for the lock of {label}"),
         },
-        still_blocked: true,
+        still_blocked: blocked,
     }
 }
 
-fn taken(
-    result: crate::ceph::sys::Result<()>,
-    image: &Image<'_>,
-    label: &str,
-    started: Instant,
-) -> std::result::Result<(), Failure> {
-    match result {
-        Ok(()) => {
-            tracing::info!(image = %label, waited_ms = started.elapsed().as_millis() as u64, "exclusive lock acquired");
-            Ok(())
+fn taken(started: Instant, label: &str) -> std::result::Result<(), Failure> {
+    tracing::info!(image = %label, waited_ms = started.elapsed().as_millis() as u64, "exclusive lock acquired");
+    Ok(())
+}
+
+/// `client.N at ADDR`: the name comes from the handle's lock list (a cache), the
+/// address from the live owner query.
+fn client_at(image: &Image<'_>, addr: &str) -> String {
+    match image
+        .lockers()
+        .ok()
+        .and_then(|ls| ls.into_iter().find(|l| same_client(&l.addr, addr)))
+    {
+        Some(l) => format!("{} at {addr}", l.client),
+        None => addr.to_string(),
+    }
+}
+
+/// One holder, with the owner record's host when the record is that holder's.
+fn owner_words(image: &Image<'_>, addr: &str) -> String {
+    let recorded = image.metadata_get(OWNER_ADDR).ok().flatten();
+    match image.metadata_get(OWNER_HOST).ok().flatten() {
+        Some(h) if recorded.as_deref() == Some(addr) => {
+            format!("{} (host {h})", client_at(image, addr))
         }
-        Err(e) if e.0 == libc::EROFS => Err(Error::InUse {
-            name: label.to_string(),
-            holder: format!(
-                "its exclusive lock is held by {}, a live owner that refused to hand it over; \
-                 unmap it there first",
-                describe_owner(image)
-            ),
-        }
-        .into()),
-        Err(e) => Err(ceph_err(format!("taking the exclusive lock of {label}"), e).into()),
+        _ => client_at(image, addr),
     }
 }
 
 /// Who holds the managed lock, in words: `client.N at ADDR (host H, since S)`.
 pub fn describe_owner(image: &Image<'_>) -> String {
-    let holders: Vec<String> = match image.lockers() {
-        Ok(ls) => ls
+    let who = match image.lock_owners() {
+        Ok(addrs) if addrs.is_empty() => "nobody right now (it was just released)".to_string(),
+        Ok(addrs) => addrs
             .iter()
-            .filter(|l| l.is_managed())
-            .map(|l| format!("{} at {}", l.client, l.addr))
-            .collect(),
-        Err(e) => vec![format!(
-            "an unknown client (listing locks failed: {})",
+            .map(|a| client_at(image, a))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!(
+            "an unknown client (reading the lock owner failed: {})",
             e.describe()
-        )],
-    };
-    let who = if holders.is_empty() {
-        "nobody right now (it was just released)".to_string()
-    } else {
-        holders.join(", ")
+        ),
     };
     let host = image.metadata_get(OWNER_HOST).ok().flatten();
     let since = image.metadata_get(OWNER_SINCE).ok().flatten();

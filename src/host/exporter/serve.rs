@@ -88,6 +88,7 @@ impl Owned {
             self.image.clone(),
             size,
             self.label.clone(),
+            addr.to_string(),
             tx.clone(),
         ));
         parts.backend = Some(backend.clone());
