@@ -61,20 +61,25 @@ fn host(id: &str) -> DaemonOpts {
     DaemonOpts::host(id).env("RBDVOL_MAP__ORPHAN_GRACE", GRACE)
 }
 
-#[test]
-fn a_mount_whose_answer_was_lost_does_not_pin_the_volume() {
+/// A volume mounted for ID 1 whose answer Docker never got (the daemon died after
+/// recording it), then mounted again for ID 2 - Docker's retry - by the restarted daemon.
+fn mounted_after_a_lost_answer(prefix: &str) -> (Daemon, String, PathBuf) {
     let mut d = Daemon::start(host("host-a").env("RBDVOL_CRASH_AT", "mount:before-reply"));
-    let name = unique("lost-answer");
+    let name = unique(prefix);
     d.create(&name, r#"{"size":"64M"}"#);
-    // Mounted, mapped and recorded; the daemon dies before Docker hears of it.
     d.call_expecting_crash(
         "VolumeDriver.Mount",
         &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(1)),
     );
     d.restart_with_env(&[("RBDVOL_CRASH_AT", "")]);
-    // Docker's retry carries a new ID; the container runs, stops, and Docker unmounts
-    // only the ID it knows.
     let mp = d.mount(&name, &mount_id(2));
+    (d, name, mp)
+}
+
+#[test]
+fn a_mount_whose_answer_was_lost_does_not_pin_the_volume() {
+    // The container runs, stops, and Docker unmounts only the ID it knows.
+    let (d, name, mp) = mounted_after_a_lost_answer("lost-answer");
     write_file(&mp.join("data"), "kept");
     std::thread::sleep(Duration::from_secs(3));
     d.unmount(&name, &mount_id(2));
@@ -147,15 +152,7 @@ fn container_using(mp: &Path, dir: &Path) -> Child {
 
 #[test]
 fn a_volume_a_container_uses_is_never_released_as_an_orphan() {
-    let mut d = Daemon::start(host("host-a").env("RBDVOL_CRASH_AT", "mount:before-reply"));
-    let name = unique("in-use");
-    d.create(&name, r#"{"size":"64M"}"#);
-    d.call_expecting_crash(
-        "VolumeDriver.Mount",
-        &format!(r#"{{"Name":"{name}","ID":"{}"}}"#, mount_id(1)),
-    );
-    d.restart_with_env(&[("RBDVOL_CRASH_AT", "")]);
-    let mp = d.mount(&name, &mount_id(2));
+    let (d, name, mp) = mounted_after_a_lost_answer("in-use");
     let work = tempfile::tempdir().unwrap();
     let mut container = container_using(&mp, work.path());
     // The container's Unmount is lost too (dockerd crashed): only the kernel knows.
