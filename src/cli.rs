@@ -142,7 +142,7 @@ impl ServeArgs {
             s.ceph.pools = self.pools.clone();
         }
         for pool in &s.ceph.pools {
-            crate::driver::names::validate_pool(pool)
+            crate::volume::names::validate_pool(pool)
                 .map_err(|r| Error::Config(format!("pool {pool:?}: {r}")))?;
         }
         s.validate()?;

@@ -1,22 +1,32 @@
 //! rbdvol: a Docker volume plugin that gives containers Ceph RBD block volumes.
 //!
 //! Layers, top to bottom (data flows one way):
-//! - [`api`]: Docker's plugin protocol over HTTP on a unix socket.
-//! - [`driver`]: the volume lifecycle (create, inspect, list, remove, mount) and policy.
-//! - [`lock`]: ownership across hosts: who holds a volume, breaking a lock.
-//! - [`host`]: effects on this machine: commands, mapping, mkfs, mount.
-//! - [`ceph`]: the cluster connection, librbd calls, and the one `unsafe` module.
+//! - [`api`]: front ends. Docker's volume plugin protocol over HTTP on a unix socket
+//!   (and HTTPS); it translates requests to the two halves below and back.
+//! - [`controller`]: the cluster-side lifecycle of volumes (create, describe, list,
+//!   remove), the same from every host.
+//! - [`node`]: this host's side (attach and detach, references, fencing, orphans,
+//!   reconcile after a crash).
+//! - [`lock`]: ownership across hosts for operators: who holds a volume, breaking a lock.
+//! - [`host`] and [`ceph`]: effects. The node and controller reach them only through
+//!   the [`host::ops::HostOps`], [`host::mapper::Mapper`] and [`ceph::ClusterOps`]
+//!   traits, chosen in `main.rs`; the one `unsafe` module is `ceph::sys`.
 //!
-//! [`config`], [`error`] and [`units`] are shared by all layers.
+//! [`volume`] is the shared vocabulary: the volume record spelled once, names and
+//! options. [`config`], [`error`] and [`units`] are shared by all layers.
 
 pub mod api;
 pub mod ceph;
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod driver;
+pub mod controller;
 pub mod error;
 pub mod failpoint;
 pub mod host;
 pub mod lock;
+pub mod node;
+#[cfg(test)]
+pub mod testing;
 pub mod units;
+pub mod volume;

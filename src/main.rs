@@ -7,11 +7,17 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use rbdvol::api;
+use rbdvol::api::Backends;
 use rbdvol::ceph::{self, Cluster};
 use rbdvol::cli::{Cli, Command, LockCommand, ServeArgs, TlsCommand};
 use rbdvol::config::Settings;
-use rbdvol::driver::Driver;
+use rbdvol::controller::{Controller, ControllerConfig};
 use rbdvol::error::Result;
+use rbdvol::host::exporter_proc::Exporters;
+use rbdvol::host::mapper::{self, MapperKind};
+use rbdvol::host::ops::RealHost;
+use rbdvol::node::attach::Mappers;
+use rbdvol::node::{Node, NodeConfig};
 
 fn init_logging(settings: &Settings) {
     let filter = EnvFilter::try_new(&settings.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -58,6 +64,58 @@ fn warn_if_keyring_is_readable(settings: &Settings) {
     }
 }
 
+/// The mapper new mappings use: the configured one, or the first this kernel supports.
+fn chosen_mapper(settings: &Settings) -> MapperKind {
+    match settings.map.mapper.as_str() {
+        "krbd" => MapperKind::Krbd,
+        "nbd" => MapperKind::Nbd,
+        "userspace" => MapperKind::Userspace,
+        _ => {
+            let (kind, why) = mapper::detect();
+            tracing::info!(mapper = kind.name(), reason = %why, "mapper chosen automatically");
+            kind
+        }
+    }
+}
+
+/// The controller and the node over this machine's real effects.
+fn backends(settings: &Settings, cluster: Arc<Cluster>) -> Result<Backends> {
+    let host_id = settings.effective_host_id();
+    let exporters = Exporters {
+        exe: std::env::current_exe()
+            .map_err(|e| rbdvol::error::Error::io("locating the rbdvol binary", e))?,
+        ceph: settings.ceph.clone(),
+        dir: settings.state_dir.join("exports"),
+        fence_expiry: settings.lock.fence_expiry,
+    };
+    let mappers = Mappers::real(chosen_mapper(settings), settings.ceph.clone(), exporters);
+    let node = Node::new(
+        NodeConfig {
+            host_id: host_id.clone(),
+            mount_root: settings.mount_root.clone(),
+            pools: settings.ceph.pools.clone(),
+            takeover_wait: settings.lock.takeover_wait,
+            orphan_grace: settings.map.orphan_grace,
+            state_dir: settings.state_dir.clone(),
+            dockerd_pid_file: "/var/run/docker.pid".into(),
+            sees_all_processes: rbdvol::node::sees_all_processes(),
+        },
+        cluster.clone(),
+        Arc::new(RealHost),
+        mappers,
+    )?;
+    let controller = Controller::new(
+        ControllerConfig {
+            host_id,
+            pools: settings.ceph.pools.clone(),
+            defaults: settings.volume.clone(),
+            remove: settings.remove.clone(),
+        },
+        cluster,
+    );
+    Ok(Backends { controller, node })
+}
+
 async fn serve(args: &ServeArgs) -> Result<()> {
     let settings = args.settings()?;
     init_logging(&settings);
@@ -82,14 +140,14 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let _remove_socket_on_exit = api::SocketGuard(settings.socket.clone());
 
     let cluster = Arc::new(Cluster::new(ceph::connect_spec(&settings.ceph)));
-    let driver = Arc::new(Driver::new(settings.clone(), cluster.clone())?);
-    tracing::info!(mapper = driver.mapper().name(), "data path");
+    let driver = Arc::new(backends(&settings, cluster.clone())?);
+    tracing::info!(mapper = driver.node.mapper().name(), "data path");
     // Before answering Docker: adopt or release what a crash or restart left behind.
-    driver.reconcile().await;
+    driver.node.reconcile().await;
     // Connect in the background so the first request usually finds a live connection.
     let warm = cluster.clone();
     tokio::spawn(async move {
-        if let Err(e) = warm.connection(rbdvol::driver::SHORT_DEADLINE).await {
+        if let Err(e) = warm.connection(rbdvol::ceph::SHORT_DEADLINE).await {
             tracing::warn!(error = %e, "initial connection to the cluster failed; retrying on the next request");
         }
     });
@@ -98,15 +156,15 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             tick.tick().await;
-            watcher.check_fencing(None).await;
+            watcher.node.check_fencing(None).await;
         }
     });
     let sweeper = driver.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(sweeper.orphan_sweep_period());
+        let mut tick = tokio::time::interval(sweeper.node.orphan_sweep_period());
         loop {
             tick.tick().await;
-            sweeper.release_orphans().await;
+            sweeper.node.release_orphans().await;
         }
     });
     // One shutdown signal for every listener.
@@ -180,7 +238,7 @@ fn lock_command(cmd: &LockCommand) -> Result<()> {
             }
         }
         LockCommand::Break { volume, .. } => {
-            rbdvol::driver::names::validate(volume)?;
+            rbdvol::volume::names::validate(volume)?;
             println!(
                 "{}",
                 rbdvol::lock::break_lock(

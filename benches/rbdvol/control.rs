@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rbdvol::ceph::images::{self, Disposal};
 use rbdvol::ceph::sys::Rados;
 use rbdvol::config::VolumeDefaults;
-use rbdvol::driver::options::VolumeOptions;
+use rbdvol::volume::options::VolumeOptions;
 
 use crate::plugin::{Conn, Plugin};
 use crate::report::Section;

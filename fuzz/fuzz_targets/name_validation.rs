@@ -5,7 +5,7 @@
 use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
-use rbdvol::driver::names::{validate, MAX_NAME_LEN};
+use rbdvol::volume::names::{validate, MAX_NAME_LEN};
 
 fuzz_target!(|name: &str| {
     if validate(name).is_ok() {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use rbdvol::config::VolumeDefaults;
-use rbdvol::driver::options::{VolumeOptions, FSTYPES};
+use rbdvol::volume::options::{VolumeOptions, FSTYPES};
 
 fuzz_target!(|data: &[u8]| {
     // key=value per line, the way `-o key=value` arrives after the CLI splits them.
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
         }
         // What Create stores passes the check Mount makes again, unchanged.
         let meta: BTreeMap<String, String> = v.to_meta("h", "t").into_iter().collect();
-        let stored = rbdvol::driver::fsopts::check_stored(&meta).expect("stored options recheck");
+        let stored = rbdvol::volume::fsopts::check_stored(&meta).expect("stored options recheck");
         assert_eq!(stored.mkfs_options, v.mkfs_options);
         assert_eq!(stored.mount_options, v.mount_options);
     }

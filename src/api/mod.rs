@@ -23,9 +23,16 @@ use serde_json::json;
 use tokio::net::UnixListener;
 use tracing::Instrument;
 
-use crate::driver::Driver;
+use crate::controller::Controller;
 use crate::error::{Error, Result};
+use crate::node::Node;
 use router::Reply;
+
+/// The two halves a front end drives: the cluster-side lifecycle and this host's side.
+pub struct Backends {
+    pub controller: Controller,
+    pub node: Node,
+}
 
 /// Docker's requests are tiny; anything near this is not from dockerd.
 pub const MAX_BODY: usize = 1 << 20;
@@ -85,7 +92,7 @@ impl Drop for SocketGuard {
 /// Serves connections until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
-    driver: Arc<Driver>,
+    driver: Arc<Backends>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -107,7 +114,7 @@ pub async fn serve(
 
 /// Serves HTTP/1.1 requests on one connection (unix socket or TLS stream) until the
 /// client closes it or stalls sending headers.
-pub async fn serve_connection<IO>(io: IO, driver: Arc<Driver>)
+pub async fn serve_connection<IO>(io: IO, driver: Arc<Backends>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -145,7 +152,7 @@ impl std::fmt::Display for Aborted {
 impl std::error::Error for Aborted {}
 
 async fn handle(
-    driver: Arc<Driver>,
+    driver: Arc<Backends>,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Body>, Aborted> {
     let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +174,7 @@ async fn handle(
     .await
 }
 
-async fn answer(driver: Arc<Driver>, req: Request<Incoming>, path: &str) -> Reply {
+async fn answer(driver: Arc<Backends>, req: Request<Incoming>, path: &str) -> Reply {
     if req.method() != Method::POST {
         return Reply::Json(
             StatusCode::METHOD_NOT_ALLOWED,

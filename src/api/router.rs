@@ -5,8 +5,12 @@ use hyper::StatusCode;
 use serde_json::{json, Value};
 
 use super::protocol::{decode, CreateRequest, MountRequest, NameRequest};
-use crate::driver::{Driver, VolumeView};
+use super::Backends;
+use crate::controller::VolumeInfo;
 use crate::error::{Error, Result};
+use crate::node::Attached;
+use crate::units::format_size;
+use crate::volume::{feature_names, names};
 
 /// What to send back for one request.
 pub enum Reply {
@@ -45,34 +49,69 @@ pub fn respond(result: Result<Value>) -> Reply {
     }
 }
 
-fn volume_json(v: &VolumeView) -> Value {
-    let mut vol = json!({ "Name": v.name, "Status": v.status });
-    if let Some(m) = &v.mountpoint {
-        vol["Mountpoint"] = json!(m);
+/// Get's `Volume`: the controller's description plus, if mounted here, the node's.
+fn volume_json(v: &VolumeInfo, here: Option<Attached>) -> Value {
+    let r = &v.record;
+    let mut status = json!({
+        "pool": v.pool,
+        "image": format!("{}/{}", v.pool, v.name),
+        "size": format_size(v.size),
+        "size_bytes": v.size,
+        "features": feature_names(v.features & crate::volume::USER_FEATURE_MASK),
+        "object_size": format_size(v.object_size),
+        "fstype": r.fstype.clone().unwrap_or_default(),
+        "mkfs_options": r.mkfs_options,
+        "mount_options": r.mount_options,
+        "read_only": r.read_only,
+        "allow_suid_dev": r.allow_suid_dev,
+        "created_by": r.created_by.clone().unwrap_or_default(),
+        "formatted": if r.formatted.is_some() { "yes" } else { "no" },
+        "in_use": v.holder.clone().unwrap_or_else(|| "no".to_string()),
+    });
+    if let Some(dp) = &r.data_pool {
+        status["data_pool"] = json!(dp);
     }
+    if let Some(why) = &v.stale {
+        status["note"] = json!(format!(
+            "cluster unreachable, showing the last known state: {why}"
+        ));
+    }
+    let mut vol = json!({ "Name": v.name });
+    if let Some(a) = here {
+        status["mounted_here"] = json!({
+            "mountpoint": a.mountpoint,
+            "device": a.device,
+            "mapper": a.mapper.name(),
+            "container_mounts": a.container_mounts,
+            "since": a.since,
+            "fenced": a.fenced,
+        });
+        vol["Mountpoint"] = json!(a.mountpoint);
+    }
+    vol["Status"] = status;
     if let Some(c) = &v.created_at {
         vol["CreatedAt"] = json!(c);
     }
     vol
 }
 
-pub async fn dispatch(driver: &Driver, path: &str, body: &[u8]) -> Reply {
+pub async fn dispatch(b: &Backends, path: &str, body: &[u8]) -> Reply {
     match path {
         "/Plugin.Activate" => ok(json!({ "Implements": ["VolumeDriver"] })),
         "/VolumeDriver.Capabilities" => ok(json!({ "Capabilities": { "Scope": "global" } })),
-        "/VolumeDriver.Create" => respond(create(driver, body).await),
-        "/VolumeDriver.Get" => match get(driver, body).await {
+        "/VolumeDriver.Create" => respond(create(b, body).await),
+        "/VolumeDriver.Get" => match get(b, body).await {
             Err(e) if e.is_unreachable() => {
                 tracing::warn!(error = %e, "Get: cluster unreachable and volume unknown; dropping the connection so Docker keeps its record");
                 Reply::Abort
             }
             other => respond(other),
         },
-        "/VolumeDriver.List" => respond(list(driver).await),
-        "/VolumeDriver.Remove" => respond(remove(driver, body).await),
-        "/VolumeDriver.Path" => respond(path_of(driver, body).await),
-        "/VolumeDriver.Mount" => respond(mount(driver, body).await),
-        "/VolumeDriver.Unmount" => respond(unmount(driver, body).await),
+        "/VolumeDriver.List" => respond(list(b).await),
+        "/VolumeDriver.Remove" => respond(remove(b, body).await),
+        "/VolumeDriver.Path" => respond(path_of(b, body).await),
+        "/VolumeDriver.Mount" => respond(mount(b, body).await),
+        "/VolumeDriver.Unmount" => respond(unmount(b, body).await),
         other => Reply::Json(
             StatusCode::NOT_FOUND,
             json!({ "Err": format!("unknown endpoint {other}; this is a Docker volume plugin serving {}", ENDPOINTS.join(", ")) }),
@@ -80,25 +119,28 @@ pub async fn dispatch(driver: &Driver, path: &str, body: &[u8]) -> Reply {
     }
 }
 
-async fn create(driver: &Driver, body: &[u8]) -> Result<Value> {
+async fn create(b: &Backends, body: &[u8]) -> Result<Value> {
     let req: CreateRequest = decode("VolumeDriver.Create", body)?;
     let opts = req.opts.map(|o| o.0).unwrap_or_default();
-    driver.create(&req.name, &opts).await?;
+    b.controller.create(&req.name, &opts).await?;
     Ok(json!({}))
 }
 
-async fn get(driver: &Driver, body: &[u8]) -> Result<Value> {
+async fn get(b: &Backends, body: &[u8]) -> Result<Value> {
     let req: NameRequest = decode("VolumeDriver.Get", body)?;
-    let view = driver.get(&req.name).await?;
-    Ok(json!({ "Volume": volume_json(&view) }))
+    names::validate(&req.name)?;
+    // Say so at once if this host has just lost the volume.
+    b.node.check_fencing(Some(&req.name)).await;
+    let info = b.controller.get(&req.name).await?;
+    Ok(json!({ "Volume": volume_json(&info, b.node.attached(&req.name)) }))
 }
 
-async fn list(driver: &Driver) -> Result<Value> {
-    let vols: Vec<Value> = driver
-        .list()
-        .await?
+async fn list(b: &Backends) -> Result<Value> {
+    let names = b.controller.list().await?;
+    let here = b.node.mountpoints();
+    let vols: Vec<Value> = names
         .into_iter()
-        .map(|(name, mp)| match mp {
+        .map(|name| match here.get(&name) {
             Some(m) => json!({ "Name": name, "Mountpoint": m }),
             None => json!({ "Name": name }),
         })
@@ -106,29 +148,33 @@ async fn list(driver: &Driver) -> Result<Value> {
     Ok(json!({ "Volumes": vols }))
 }
 
-async fn remove(driver: &Driver, body: &[u8]) -> Result<Value> {
+async fn remove(b: &Backends, body: &[u8]) -> Result<Value> {
     let req: NameRequest = decode("VolumeDriver.Remove", body)?;
-    driver.remove(&req.name).await?;
+    names::validate(&req.name)?;
+    b.node
+        .while_unmounted(&req.name, b.controller.remove(&req.name))
+        .await?;
     Ok(json!({}))
 }
 
-async fn path_of(driver: &Driver, body: &[u8]) -> Result<Value> {
+async fn path_of(b: &Backends, body: &[u8]) -> Result<Value> {
     let req: NameRequest = decode("VolumeDriver.Path", body)?;
-    let mp = driver.path(&req.name).await?;
+    names::validate(&req.name)?;
+    let mp = b.node.attached(&req.name).map(|a| a.mountpoint);
     Ok(json!({ "Mountpoint": mp.map(|p| p.display().to_string()).unwrap_or_default() }))
 }
 
-async fn mount(driver: &Driver, body: &[u8]) -> Result<Value> {
+async fn mount(b: &Backends, body: &[u8]) -> Result<Value> {
     let req: MountRequest = decode("VolumeDriver.Mount", body)?;
     check_id(&req.id)?;
-    let mp = driver.mount(&req.name, &req.id).await?;
+    let mp = b.node.mount(&req.name, &req.id).await?;
     Ok(json!({ "Mountpoint": mp }))
 }
 
-async fn unmount(driver: &Driver, body: &[u8]) -> Result<Value> {
+async fn unmount(b: &Backends, body: &[u8]) -> Result<Value> {
     let req: MountRequest = decode("VolumeDriver.Unmount", body)?;
     check_id(&req.id)?;
-    driver.unmount(&req.name, &req.id).await?;
+    b.node.unmount(&req.name, &req.id).await?;
     Ok(json!({}))
 }
 

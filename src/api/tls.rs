@@ -22,8 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::Backends;
 use crate::config::TlsSettings;
-use crate::driver::Driver;
 use crate::error::{Error, Result};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -154,7 +154,7 @@ pub async fn serve(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     limits: Limits,
-    driver: Arc<Driver>,
+    driver: Arc<Backends>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(config);

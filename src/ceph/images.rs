@@ -9,8 +9,8 @@ use super::ceph_err;
 use super::sys::{CreateSpec, Errno, ImageStat, Locker, Rados, Watcher};
 use crate::error::{Error, Result};
 
-/// Image-meta keys rbdvol owns all start with this.
-pub const META_PREFIX: &str = "rbdvol.";
+use crate::volume::key;
+pub use crate::volume::META_PREFIX;
 
 /// Everything Get needs to know about one image, read in a handful of calls.
 #[derive(Debug, Clone)]
@@ -29,8 +29,8 @@ pub struct ImageFacts {
 impl ImageFacts {
     /// Who holds the image, in words, if anyone does.
     pub fn holder(&self) -> Option<String> {
-        let owner_host = self.meta.get("owner.host");
-        let since = self.meta.get("owner.since");
+        let owner_host = self.meta.get(key::OWNER_HOST);
+        let since = self.meta.get(key::OWNER_SINCE);
         let mut parts = Vec::new();
         if !self.lock_owners.is_empty() {
             let who: Vec<String> = self

@@ -6,6 +6,7 @@
 //! the whole client instance, so locks belong to per-volume connections (the mappers).
 
 pub mod images;
+pub mod ops;
 pub mod sys;
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use crate::config::CephSettings;
 use crate::error::{Error, Result};
 
+pub use ops::{ClusterOps, LONG_DEADLINE, SHORT_DEADLINE};
 pub use sys::{ConnectSpec, Errno, Rados};
 
 /// Builds the connection parameters shared by the daemon and the per-volume mappers.

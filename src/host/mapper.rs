@@ -17,6 +17,7 @@ pub use super::kernel_map::KernelMapping;
 use super::kernel_map::{device_list, krbd_identity, nbd_identity};
 use crate::config::CephSettings;
 use crate::error::{Error, Result};
+use crate::volume::feature_names;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +48,9 @@ pub struct MapRequest {
     pub host_id: String,
     /// How long to wait for the exclusive lock (a dead owner is fenced meanwhile).
     pub lock_wait: Duration,
+    /// Where the node mounts the image: copies of that mount in other namespaces are
+    /// not uses of the device.
+    pub mountpoint: PathBuf,
 }
 
 /// A live mapping, as persisted in the reference table.
@@ -82,38 +86,23 @@ pub trait Mapper: Send + Sync {
     async fn unmap(&self, req: &MapRequest, mapping: &Mapping) -> Result<()>;
     async fn health(&self, req: &MapRequest, mapping: &Mapping) -> Health;
     /// The kernel's mappings of this kind (krbd, nbd), for finding what a crash left
-    /// unrecorded. The userspace mapper's leftovers are found by their state
-    /// directories instead.
+    /// unrecorded. The userspace mapper's leftovers are found by [`Mapper::unrecorded`].
     async fn kernel_mappings(&self) -> Result<Vec<KernelMapping>> {
         Ok(Vec::new())
+    }
+    /// (pool, image) of every mapping this mapper keeps state for on this host, recorded
+    /// or not (the userspace mapper's exporter directories).
+    fn unrecorded(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// The client address of a mapping that was fenced or has died, if it is about to be
+    /// released: its blocklist entry then protects nothing.
+    fn fenced_client(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
+        None
     }
 }
 
 const RBD_DEADLINE: Duration = Duration::from_secs(90);
-
-/// RBD feature bits by name, for messages.
-const FEATURE_NAMES: &[(u64, &str)] = &[
-    (1, "layering"),
-    (2, "striping"),
-    (4, "exclusive-lock"),
-    (8, "object-map"),
-    (16, "fast-diff"),
-    (32, "deep-flatten"),
-    (64, "journaling"),
-    (128, "data-pool"),
-    (256, "operations"),
-    (512, "migrating"),
-    (1024, "non-primary"),
-];
-
-fn feature_names(bits: u64) -> String {
-    FEATURE_NAMES
-        .iter()
-        .filter(|(b, _)| bits & b != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(",")
-}
 
 /// The image features this kernel's rbd module cannot map, if any.
 pub fn unsupported_by_kernel(image_features: u64, kernel_supported: u64) -> u64 {
@@ -163,8 +152,8 @@ async fn rbd_map(kind: MapperKind, argv: Vec<String>) -> Result<Mapping> {
 /// Refuses to release a block device that anything still holds: a mount of it in any
 /// mount namespace, or a device stacked on it. Releasing it would give a container
 /// I/O errors and lose what it had not synced.
-pub fn ensure_unused(device: &Path) -> Result<()> {
-    let users = super::usage::device_users(device);
+pub fn ensure_unused(device: &Path, mountpoint: &Path) -> Result<()> {
+    let users = super::usage::device_users(device, mountpoint);
     if users.is_empty() {
         return Ok(());
     }
@@ -195,7 +184,7 @@ async fn rbd_unmap(
             return Ok(());
         }
     }
-    ensure_unused(&mapping.device)?;
+    ensure_unused(&mapping.device, &req.mountpoint)?;
     run_ok("rbd", argv, RBD_DEADLINE).await.map(|_| ())
 }
 
@@ -409,7 +398,7 @@ impl Mapper for Userspace {
             }
         }
         for d in devices {
-            ensure_unused(&d)?;
+            ensure_unused(&d, &req.mountpoint)?;
             super::loopdev::detach(&d).await?;
         }
         self.exporters.stop(req, mapping.exporter_pid).await;
@@ -418,6 +407,18 @@ impl Mapper for Userspace {
 
     async fn health(&self, req: &MapRequest, mapping: &Mapping) -> Health {
         self.exporters.health(req, mapping.exporter_pid)
+    }
+
+    fn unrecorded(&self) -> Vec<(String, String)> {
+        self.exporters.known()
+    }
+
+    fn fenced_client(&self, req: &MapRequest, mapping: &Mapping) -> Option<String> {
+        let serving = self.exporters.health(req, mapping.exporter_pid) == Health::Serving;
+        self.exporters
+            .read_state(req)
+            .and_then(|st| st.addr)
+            .filter(|_| !serving)
     }
 }
 
@@ -476,6 +477,7 @@ mod tests {
             features: 1 | 4,
             host_id: "h".into(),
             lock_wait: Duration::from_secs(30),
+            mountpoint: "/var/lib/rbdvol/mounts/rbd/pg-data".into(),
         }
     }
 

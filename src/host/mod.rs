@@ -9,4 +9,5 @@ pub mod fs;
 pub mod kernel_map;
 pub mod loopdev;
 pub mod mapper;
+pub mod ops;
 pub mod usage;

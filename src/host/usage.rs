@@ -152,11 +152,15 @@ pub fn device_number(device: &Path) -> Option<String> {
 }
 
 /// Whether anything still holds block device `device`: a mount of it in any
-/// namespace, or a kernel holder (device-mapper, md) stacked on it.
-pub fn device_users(device: &Path) -> Vec<String> {
+/// namespace, or a kernel holder (device-mapper, md) stacked on it. Copies at
+/// `mountpoint`, rbdvol's own mount point for it, are not uses: a namespace cloned from
+/// the host's while the volume was mounted keeps one (runc's init does, until it
+/// pivots into the container's root), and it holds nothing anyone reaches.
+pub fn device_users(device: &Path, mountpoint: &Path) -> Vec<String> {
     let mut out: Vec<String> = match device_number(device) {
         Some(dev) => mounts_of_device(&dev)
             .iter()
+            .filter(|u| u.target != mountpoint)
             .map(|u| u.to_string())
             .collect(),
         None => Vec::new(),

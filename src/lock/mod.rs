@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use crate::ceph::images::{self, ImageFacts};
 use crate::ceph::{ceph_err, sys::Rados};
 use crate::error::{Error, Result};
+use crate::volume::key;
 
 /// One holder of a volume's exclusive lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +35,12 @@ fn owners_from(
     lockers
         .iter()
         .map(|l| {
-            let recorded = meta.get("owner.addr") == Some(&l.addr);
+            let recorded = meta.get(key::OWNER_ADDR) == Some(&l.addr);
             Owner {
                 client: l.client.clone(),
                 addr: l.addr.clone(),
-                host: meta.get("owner.host").filter(|_| recorded).cloned(),
-                since: meta.get("owner.since").filter(|_| recorded).cloned(),
+                host: meta.get(key::OWNER_HOST).filter(|_| recorded).cloned(),
+                since: meta.get(key::OWNER_SINCE).filter(|_| recorded).cloned(),
             }
         })
         .collect()
@@ -207,8 +208,8 @@ pub fn break_lock(
             }
         }
     }
-    for key in ["owner.host", "owner.addr", "owner.client", "owner.since"] {
-        let _ = image.metadata_remove(&format!("{}{key}", images::META_PREFIX));
+    for k in key::OWNER {
+        let _ = image.metadata_remove(&crate::volume::full_key(k));
     }
     let mut msg = format!(
         "broke the exclusive lock of {pool}/{volume} held by {}; that client was blocklisted first, so it can no longer write to this volume (its other volumes are unaffected: each mapping has its own client). The volume can now be mounted on another host.",

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use crate::ceph::images::ImageFacts;
 use crate::ceph::sys::CreateSpec;
 use crate::config::VolumeDefaults;
-use crate::driver::fsopts;
 use crate::error::{Error, Result};
 use crate::units::{format_size, parse_size};
+use crate::volume::fsopts;
+use crate::volume::{feature_names, FEATURES, USER_FEATURE_MASK};
 
 pub const ACCEPTED: &[&str] = &[
     "size",
@@ -26,21 +27,10 @@ pub const ACCEPTED: &[&str] = &[
 
 pub const FSTYPES: &[&str] = &["ext4", "xfs"];
 
-/// RBD feature names rbdvol lets users choose, with their bits.
-const FEATURES: &[(&str, u64)] = &[
-    ("layering", 1),
-    ("exclusive-lock", 4),
-    ("object-map", 8),
-    ("fast-diff", 16),
-    ("deep-flatten", 32),
-    ("journaling", 64),
-];
 const EXCLUSIVE_LOCK: u64 = 4;
 const OBJECT_MAP: u64 = 8;
 const FAST_DIFF: u64 = 16;
 const JOURNALING: u64 = 64;
-/// Bits a user chooses; others (data-pool, operations) are set by librbd itself.
-const USER_FEATURE_MASK: u64 = 1 | 4 | 8 | 16 | 32 | 64;
 
 const MIN_SIZE: u64 = 16 << 20;
 /// mkfs.xfs (xfsprogs >= 5.19) refuses filesystems under 300 MiB.
@@ -74,20 +64,17 @@ fn invalid(key: &str, value: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The names of the features users choose among `bits`.
 pub fn features_to_names(bits: u64) -> String {
-    let names: Vec<&str> = FEATURES
-        .iter()
-        .filter(|(_, b)| bits & b != 0)
-        .map(|(n, _)| *n)
-        .collect();
-    names.join(",")
+    feature_names(bits & USER_FEATURE_MASK)
 }
 
 fn parse_features(key: &str, text: &str) -> Result<u64> {
     let mut bits = 0;
     for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some((_, b)) = FEATURES.iter().find(|(n, _)| *n == name) else {
-            let known: Vec<&str> = FEATURES.iter().map(|(n, _)| *n).collect();
+        let user = FEATURES.iter().filter(|f| f.user);
+        let Some(b) = user.clone().find(|f| f.name == name).map(|f| f.bit) else {
+            let known: Vec<&str> = user.map(|f| f.name).collect();
             return Err(invalid(
                 key,
                 text,
@@ -196,7 +183,7 @@ impl VolumeOptions {
         let data_pool = match get("data-pool") {
             None | Some("") => None,
             Some(dp) => {
-                crate::driver::names::validate_pool(dp).map_err(|r| invalid("data-pool", dp, r))?;
+                crate::volume::names::validate_pool(dp).map_err(|r| invalid("data-pool", dp, r))?;
                 Some(dp.to_string())
             }
         };

@@ -1,24 +1,25 @@
 //! The data path for one volume: map the image, decide whether it may be formatted
 //! (only when provably blank), format or check it, mount it under the plugin-owned
-//! root; and the reverse. Also reconciling what a crash or restart left behind.
-//! A step that fails undoes the steps before it, so nothing is left half-mapped.
+//! root; and the reverse. A step that fails undoes the steps before it, so nothing
+//! is left half-mapped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::fsopts::{self, StoredFs};
 use super::reconcile::Intents;
 use super::refs::ActiveVolume;
-use crate::ceph::images::{self, ImageFacts};
-use crate::ceph::Cluster;
+use crate::ceph::images::ImageFacts;
+use crate::ceph::ClusterOps;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::host::exporter_proc::Exporters;
-use crate::host::fs::{self, Content, Probe};
+use crate::host::fs::{Content, Probe};
 use crate::host::mapper::{Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace};
-use crate::host::usage::{self, OwnMount};
+use crate::host::ops::HostOps;
+use crate::volume::fsopts::{self, StoredFs};
+use crate::volume::{key, VolumeRecord};
 
 /// Filesystems rbdvol mounts when it finds them (it formats only ext4 and xfs).
 const MOUNTABLE: &[&str] = &["ext4", "ext3", "ext2", "xfs"];
@@ -74,44 +75,51 @@ pub fn decide(
 /// Every mapper, so records made under another mapper can still be released.
 pub struct Mappers {
     pub chosen: MapperKind,
-    krbd: Arc<Krbd>,
-    nbd: Arc<Nbd>,
-    userspace: Arc<Userspace>,
+    all: Vec<Arc<dyn Mapper>>,
 }
 
 impl Mappers {
-    pub fn new(
+    /// `all` has one mapper of each kind; `chosen` is the one new mappings use.
+    pub fn new(chosen: MapperKind, all: Vec<Arc<dyn Mapper>>) -> Mappers {
+        Mappers { chosen, all }
+    }
+
+    /// This host's real mappers.
+    pub fn real(
         chosen: MapperKind,
         ceph: crate::config::CephSettings,
         exporters: Exporters,
     ) -> Mappers {
-        Mappers {
+        Mappers::new(
             chosen,
-            krbd: Arc::new(Krbd {
-                ceph: ceph.clone(),
-                sysfs: "/sys/bus/rbd".into(),
-            }),
-            nbd: Arc::new(Nbd { ceph }),
-            userspace: Arc::new(Userspace { exporters }),
-        }
+            vec![
+                Arc::new(Krbd {
+                    ceph: ceph.clone(),
+                    sysfs: "/sys/bus/rbd".into(),
+                }),
+                Arc::new(Nbd { ceph }),
+                Arc::new(Userspace { exporters }),
+            ],
+        )
     }
 
     pub fn get(&self, kind: MapperKind) -> Arc<dyn Mapper> {
-        match kind {
-            MapperKind::Krbd => self.krbd.clone(),
-            MapperKind::Nbd => self.nbd.clone(),
-            MapperKind::Userspace => self.userspace.clone(),
-        }
+        self.all
+            .iter()
+            .find(|m| m.kind() == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {} mapper was set up", kind.name()))
     }
 
-    pub fn exporters(&self) -> &Exporters {
-        &self.userspace.exporters
+    pub fn all(&self) -> &[Arc<dyn Mapper>] {
+        &self.all
     }
 }
 
 pub struct Attacher {
     pub mappers: Mappers,
-    pub cluster: Arc<Cluster>,
+    pub cluster: Arc<dyn ClusterOps>,
+    pub host: Arc<dyn HostOps>,
     pub mount_root: PathBuf,
     pub host_id: String,
     pub takeover_wait: Duration,
@@ -144,6 +152,7 @@ impl Attacher {
             features,
             host_id: self.host_id.clone(),
             lock_wait: self.takeover_wait,
+            mountpoint: self.mountpoint(pool, name),
         }
     }
 
@@ -161,11 +170,10 @@ impl Attacher {
         let read_only = stored.read_only;
         let req = self.request(&facts.pool, name, read_only, facts.stat.features);
         let mountpoint = self.mountpoint(&facts.pool, name);
-        std::fs::create_dir_all(&mountpoint)
-            .map_err(|e| Error::io(format!("creating {}", mountpoint.display()), e))?;
-        if fs::mounted_at(&mountpoint)?.is_some() {
+        self.host.create_dir(&mountpoint)?;
+        if self.host.mounted_at(&mountpoint)?.is_some() {
             // A leftover the reconcile could not release: never stack a second mount.
-            fs::umount(&mountpoint).await?;
+            self.host.umount(&mountpoint).await?;
         }
         let mapper = self.mappers.get(self.mappers.chosen);
         let kernel = mapper.kind() != MapperKind::Userspace;
@@ -199,8 +207,8 @@ impl Attacher {
                 fenced: false,
             }),
             Err(e) => {
-                if matches!(fs::mounted_at(&mountpoint), Ok(Some(_))) {
-                    let _ = fs::umount(&mountpoint).await;
+                if matches!(self.host.mounted_at(&mountpoint), Ok(Some(_))) {
+                    let _ = self.host.umount(&mountpoint).await;
                 }
                 match mapper.unmap(&req, &mapping).await {
                     Ok(()) => self.intents.end(&facts.pool, name),
@@ -224,13 +232,14 @@ impl Attacher {
         let read_only = stored.read_only;
         let declared = stored.fstype.clone();
         let device = &mapping.device;
-        let found = fs::probe(device).await?;
+        let record = VolumeRecord::from_meta(&facts.meta);
+        let found = self.host.probe(device).await?;
         // Only a probe that found nothing needs the second opinion.
         let content = match found {
-            Probe::Blank => fs::sample(device).await,
+            Probe::Blank => self.host.sample(device).await,
             _ => Content::Zeros,
         };
-        let marker = facts.meta.get("formatted").map(String::as_str);
+        let marker = record.formatted.as_deref();
         let mut marks: Vec<(&'static str, Option<String>)> = Vec::new();
         let fstype = match decide(name, &found, &content, marker, read_only) {
             FormatDecision::Refuse(why) => return Err(Error::NotSupported(why)),
@@ -241,12 +250,12 @@ impl Attacher {
                 // A read-only device cannot be repaired; a dirty journal then makes
                 // the read-only mount itself fail, with the kernel's reason.
                 if !read_only {
-                    fs::preen(&fstype, device).await?;
+                    self.host.preen(&fstype, device).await?;
                     // A filesystem is there: say so on the image, so that losing it later
                     // (a wiped superblock, a failing read) is refused, never formatted.
                     if marker.is_none() {
                         let found = format!("{fstype} found by {} at {}", self.host_id, now());
-                        marks.push(("formatted", Some(found)));
+                        marks.push((key::FORMATTED, Some(found)));
                     }
                 }
                 fstype
@@ -256,27 +265,28 @@ impl Attacher {
                 // nothing. Any other may hold raw data no probe recognises (a
                 // database's raw device, an encrypted blob) or lost its marker: format
                 // it only if nothing was ever written to it.
-                let fresh = facts.meta.contains_key("created-at")
-                    && !facts.meta.contains_key("first-mapped");
-                if !fresh && self.has_data(facts).await? {
+                let fresh = record.is_fresh();
+                if !fresh && self.cluster.has_data(&facts.pool, name).await? {
                     return Err(Error::NotSupported(format!(
                         "volume {name} holds data that no filesystem signature explains (it was written to, but shows no filesystem); rbdvol will not format it. If it really is disposable, `rbd rm` it and create the volume with docker volume create"
                     )));
                 }
                 tracing::info!(volume = name, fstype = %declared, fresh, "volume is blank: formatting");
-                fs::mkfs(&declared, &stored.mkfs_options, fresh, device).await?;
+                self.host
+                    .mkfs(&declared, &stored.mkfs_options, fresh, device)
+                    .await?;
                 crash_point("mount:after-mkfs");
                 let marker = format!("{declared} by {} at {}", self.host_id, now());
-                marks.push(("formatted", Some(marker)));
+                marks.push((key::FORMATTED, Some(marker)));
                 declared
             }
         };
-        if !facts.meta.contains_key("first-mapped") {
-            marks.push(("first-mapped", Some(now())));
+        if record.first_mapped.is_none() {
+            marks.push((key::FIRST_MAPPED, Some(now())));
         }
         // One metadata update for both marks (each opens the image).
         if !marks.is_empty() {
-            self.set_meta(facts, marks).await?;
+            self.cluster.set_meta(&facts.pool, name, marks).await?;
         }
         // The options were checked for the declared type; the type found may differ
         // (ext2 and ext3 are mounted by the ext4 driver and take its options).
@@ -287,87 +297,51 @@ impl Attacher {
         };
         let user_options = fsopts::check_mount(family, &stored.mount_options).map_err(|why| {
             Error::InvalidOption {
-                key: "mount-options".into(),
+                key: key::MOUNT_OPTIONS.into(),
                 value: stored.mount_options.clone(),
                 reason: format!(
                     "not valid for the {fstype} filesystem found on volume {name}: {why}"
                 ),
             }
         })?;
-        let options = fs::mount_options(&fstype, &user_options, read_only, stored.allow_suid_dev);
-        fs::mount(device, mountpoint, &fstype, &options).await?;
+        let options = crate::host::fs::mount_options(
+            &fstype,
+            &user_options,
+            read_only,
+            stored.allow_suid_dev,
+        );
+        self.host
+            .mount(device, mountpoint, &fstype, &options)
+            .await?;
         crash_point("mount:after-mount");
         tracing::info!(volume = name, mountpoint = %mountpoint.display(), fstype = %fstype, options = %options, "mounted");
         Ok(fstype)
     }
 
-    async fn has_data(&self, facts: &ImageFacts) -> Result<bool> {
-        let (pool, name) = (facts.pool.clone(), facts.name.clone());
-        self.cluster
-            .run(
-                "reading the allocation map",
-                super::LONG_DEADLINE,
-                move |r| images::has_data(r, &pool, &name),
-            )
-            .await
-    }
-
-    async fn set_meta(
-        &self,
-        facts: &ImageFacts,
-        pairs: Vec<(&'static str, Option<String>)>,
-    ) -> Result<()> {
-        let (pool, name) = (facts.pool.clone(), facts.name.clone());
-        self.cluster
-            .run("writing volume metadata", super::SHORT_DEADLINE, move |r| {
-                images::set_meta(r, &pool, &name, &pairs)
-            })
-            .await
-    }
-
-    /// Unmounts and unmaps. A busy filesystem is an error and stays mounted.
+    /// Unmounts and unmaps. A busy filesystem, or a device something else still
+    /// holds, is an error: the volume stays as it is, and the caller keeps its record.
     pub async fn detach(&self, name: &str, v: &ActiveVolume) -> Result<()> {
-        fs::umount(&v.mountpoint).await?;
+        self.host.umount(&v.mountpoint).await?;
         crash_point("unmount:after-umount");
         let req = self.request_for(name, v);
-        // The client address of an exporter that was fenced or has died, read before
-        // it goes away with its state: once stopped, that client never comes back.
-        let fenced_client = match v.mapping.kind {
-            MapperKind::Userspace => {
-                let exporters = self.mappers.exporters();
-                let serving = exporters.health(&req, v.mapping.exporter_pid) == Health::Serving;
-                exporters
-                    .read_state(&req)
-                    .and_then(|st| st.addr)
-                    .filter(|_| !serving)
-            }
-            _ => None,
-        };
-        self.mappers
-            .get(v.mapping.kind)
-            .unmap(&req, &v.mapping)
-            .await?;
+        let mapper = self.mappers.get(v.mapping.kind);
+        // Read before the mapping goes away with its state: once stopped, a client that
+        // was fenced (or died) never comes back, and its blocklist entry is then moot.
+        let exited = mapper.fenced_client(&req, &v.mapping);
+        mapper.unmap(&req, &v.mapping).await?;
         crash_point("unmount:after-unmap");
-        if let Some(addr) = fenced_client {
+        if let Some(addr) = exited {
             self.forget_fenced_client(name, addr).await;
         }
-        let _ = std::fs::remove_dir(&v.mountpoint);
+        self.host.remove_dir(&v.mountpoint);
         tracing::info!(volume = name, "unmounted and unmapped");
         Ok(())
     }
 
-    /// The blocklist entry that fenced this host's (now exited) exporter protects
-    /// nothing any more: that client instance can never come back. Removing it keeps
-    /// the blocklist to entries that matter; failing to is harmless (it expires).
+    /// Removes the blocklist entry of this host's exited, fenced client, to keep the
+    /// blocklist to entries that protect something; failing to is harmless.
     async fn forget_fenced_client(&self, name: &str, addr: String) {
-        let a = addr.clone();
-        let r = self
-            .cluster
-            .run("cleaning the blocklist", super::SHORT_DEADLINE, move |r| {
-                images::unblocklist(r, &a)
-            })
-            .await;
-        match r {
+        match self.cluster.unblocklist(&addr).await {
             Ok(()) => {
                 tracing::info!(volume = name, client = %addr, "removed this host's exited, fenced client from the blocklist")
             }
@@ -378,21 +352,18 @@ impl Attacher {
     }
 
     /// What on this host still uses the volume's filesystem (or, when it is not
-    /// mounted, its device), besides rbdvol's own mount; see [`usage`].
+    /// mounted, its device), besides rbdvol's own mount; see [`crate::host::usage`].
     pub fn uses(&self, v: &ActiveVolume) -> Vec<String> {
-        match fs::mounted_at(&v.mountpoint) {
-            Ok(Some(entry)) => usage::uses(&OwnMount::from_entry(&entry))
-                .iter()
-                .map(|u| u.to_string())
-                .collect(),
-            Ok(None) => usage::device_users(&v.mapping.device),
+        match self.host.mounted_at(&v.mountpoint) {
+            Ok(Some(entry)) => self.host.uses(&entry),
+            Ok(None) => self.host.device_users(&v.mapping.device, &v.mountpoint),
             // Not knowing is not "unused".
             Err(e) => vec![format!("unknown: {e}")],
         }
     }
 
     pub async fn health(&self, name: &str, v: &ActiveVolume) -> Health {
-        if !matches!(fs::mounted_at(&v.mountpoint), Ok(Some(_))) {
+        if !matches!(self.host.mounted_at(&v.mountpoint), Ok(Some(_))) {
             return Health::Gone;
         }
         let req = self.request_for(name, v);

@@ -5,14 +5,15 @@
 //! Unmount never interleave while different volumes proceed in parallel.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::refs::{self, ActiveVolume};
-use super::{names, Driver, DOCKERD_PID_FILE};
+use super::Node;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::host::mapper::Health;
+use crate::volume::names;
 
 /// Seconds since the epoch: when a reference was made.
 pub(super) fn now_secs() -> u64 {
@@ -22,7 +23,7 @@ pub(super) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-impl Driver {
+impl Node {
     /// Notices volumes this host lost (its mapper was fenced: blocklisted, lock
     /// broken), marks them, and says so loudly. Fenced volumes refuse new Mounts until
     /// their last Unmount. Runs periodically and before answering Get.
@@ -70,7 +71,7 @@ impl Driver {
             name: name.to_string(),
             holder: format!(
                 "this host ({}) lost the volume's lock: another host took it over and this host was fenced. It stays unavailable here until the containers using it on this host stop",
-                self.host_id
+                self.cfg.host_id
             ),
         }
     }
@@ -79,9 +80,9 @@ impl Driver {
     /// first reference, a counter increment after that.
     pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         names::validate(name)?;
-        let lock = self.name_lock(name);
+        let lock = self.locks.get(name);
         let _serialised = lock.lock().await;
-        let dockerd = refs::dockerd_instance(Path::new(DOCKERD_PID_FILE));
+        let dockerd = refs::dockerd_instance(&self.cfg.dockerd_pid_file);
         let mut carried = BTreeMap::new();
         if let Some(v) = self.active(name) {
             if v.fenced {
@@ -123,14 +124,14 @@ impl Driver {
             }
         }
         let facts = self
-            .lookup(name)
+            .cluster
+            .describe(self.cfg.pools.clone(), name)
             .await?
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        self.remember(&facts);
         let mut active = match self.attacher.attach(&facts).await {
             Ok(a) => a,
             Err(e) => {
-                let waited = self.settings.lock.takeover_wait;
+                let waited = self.cfg.takeover_wait;
                 return Err(self.explain_mount_failure(name, e, waited).await);
             }
         };
@@ -153,7 +154,7 @@ impl Driver {
     /// A Mount that failed while another host holds the volume says who holds it and
     /// what happens next, rather than the mapper's low-level error.
     async fn explain_mount_failure(&self, name: &str, e: Error, waited: Duration) -> Error {
-        let Ok(Some(facts)) = self.lookup(name).await else {
+        let Ok(Some(facts)) = self.cluster.describe(self.cfg.pools.clone(), name).await else {
             return e;
         };
         let owners = crate::lock::owners(&facts);
@@ -169,7 +170,7 @@ impl Driver {
     /// left that no container can be using (orphans) do not keep the volume held.
     pub async fn unmount(&self, name: &str, id: &str) -> Result<()> {
         names::validate(name)?;
-        let lock = self.name_lock(name);
+        let lock = self.locks.get(name);
         let _serialised = lock.lock().await;
         if self.active(name).is_none() {
             tracing::info!(volume = name, id, "unmount: volume is not mounted here");

@@ -14,9 +14,7 @@ use std::path::{Path, PathBuf};
 use super::attach::Attacher;
 use super::refs::RefTable;
 use crate::error::{Error, Result};
-use crate::host::fs;
 use crate::host::mapper::{Health, KernelMapping, MapperKind, Mapping};
-use crate::host::usage::{self, OwnMount};
 
 /// What to do with a kernel mapping no record claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,7 +129,7 @@ impl Attacher {
             .values()
             .map(|v| v.mountpoint.as_path())
             .collect();
-        if let Ok(mounts) = fs::mounts() {
+        if let Ok(mounts) = self.host.mounts() {
             for m in mounts.iter().rev() {
                 // The root itself may be a mount point (a managed plugin's propagatedMount,
                 // a bind): it is not ours to unmount, only what lies below it.
@@ -141,40 +139,39 @@ impl Attacher {
                 {
                     continue;
                 }
-                let uses = usage::uses(&OwnMount::from_entry(m));
+                let uses = self.host.uses(m);
                 if !uses.is_empty() {
-                    tracing::error!(mountpoint = %m.target.display(), uses = ?uses.iter().map(|u| u.to_string()).collect::<Vec<_>>(), "reconcile: an untracked mount is in use; leaving it");
+                    tracing::error!(mountpoint = %m.target.display(), uses = ?uses, "reconcile: an untracked mount is in use; leaving it");
                     continue;
                 }
-                let r = fs::umount(&m.target).await;
+                let r = self.host.umount(&m.target).await;
                 tracing::warn!(mountpoint = %m.target.display(), result = ?r, "reconcile: unmounted an untracked mount");
             }
         }
-        for (pool, image) in self.mappers.exporters().known() {
-            let claimed = table.volumes.iter().any(|(n, v)| {
-                *n == image && v.pool == pool && v.mapping.kind == MapperKind::Userspace
-            });
-            if claimed {
-                continue;
-            }
-            let req = self.request(&pool, &image, false, 0);
-            let unused = Mapping {
-                kind: MapperKind::Userspace,
-                device: PathBuf::new(),
-                exporter_pid: None,
-                backing: None,
-            };
-            match self
-                .mappers
-                .get(MapperKind::Userspace)
-                .unmap(&req, &unused)
-                .await
-            {
-                Ok(()) => {
-                    tracing::warn!(pool = %pool, image = %image, "reconcile: stopped an untracked exporter")
+        for mapper in self.mappers.all() {
+            let kind = mapper.kind();
+            for (pool, image) in mapper.unrecorded() {
+                let claimed = table
+                    .volumes
+                    .iter()
+                    .any(|(n, v)| *n == image && v.pool == pool && v.mapping.kind == kind);
+                if claimed {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(pool = %pool, image = %image, error = %e, "reconcile: cannot stop an untracked exporter")
+                let req = self.request(&pool, &image, false, 0);
+                let unused = Mapping {
+                    kind,
+                    device: PathBuf::new(),
+                    exporter_pid: None,
+                    backing: None,
+                };
+                match mapper.unmap(&req, &unused).await {
+                    Ok(()) => {
+                        tracing::warn!(pool = %pool, image = %image, mapper = kind.name(), "reconcile: released an unrecorded mapping")
+                    }
+                    Err(e) => {
+                        tracing::error!(pool = %pool, image = %image, error = %e, "reconcile: cannot release an unrecorded mapping")
+                    }
                 }
             }
         }
@@ -196,7 +193,9 @@ impl Attacher {
                     *n == m.image && v.pool == m.pool && v.mapping.device == m.device
                 });
                 let intended = self.intents.exists(&m.pool, &m.image);
-                let users = usage::device_users(&m.device);
+                let users = self
+                    .host
+                    .device_users(&m.device, &self.mountpoint(&m.pool, &m.image));
                 let action = leftover_action(&m, &self.pools, claimed, intended, &users);
                 let label = format!("{}/{}", m.pool, m.image);
                 match action {

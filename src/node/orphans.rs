@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use super::mounts::now_secs;
 use super::refs::ActiveVolume;
-use super::Driver;
+use super::Node;
 
 /// Inode of the initial PID namespace (`PROC_PID_INIT_INO`): only there are all of the
 /// host's processes, and so all containers' mount namespaces, visible in /proc.
@@ -55,14 +55,14 @@ pub fn sees_all_processes() -> bool {
         .unwrap_or(false)
 }
 
-impl Driver {
+impl Node {
     /// Releases every volume on this host whose references are orphaned.
     pub async fn release_orphans(&self) {
-        if !self.sees_all_processes {
+        if !self.cfg.sees_all_processes {
             return;
         }
         for name in self.volume_names() {
-            let lock = self.name_lock(&name);
+            let lock = self.locks.get(&name);
             let _serialised = lock.lock().await;
             if let Some(v) = self.active(&name) {
                 self.release_if_orphaned(&name, &v).await;
@@ -73,10 +73,10 @@ impl Driver {
     /// Under the volume's name lock: releases `v` if its references are orphaned.
     /// Returns true if it was released.
     pub(super) async fn release_if_orphaned(&self, name: &str, v: &ActiveVolume) -> bool {
-        if !self.sees_all_processes {
+        if !self.cfg.sees_all_processes {
             return false;
         }
-        let grace = self.settings.map.orphan_grace;
+        let grace = self.cfg.orphan_grace;
         match verdict(v.last_mounted(), now_secs(), grace, self.attacher.uses(v)) {
             Verdict::InUse(uses) => {
                 tracing::debug!(volume = name, refs = v.total_refs(), uses = ?uses, "references are live");
@@ -107,7 +107,7 @@ impl Driver {
     /// How often the periodic sweep runs: often enough that an orphan goes within
     /// Docker's 2 minutes of its last Unmount.
     pub fn orphan_sweep_period(&self) -> Duration {
-        (self.settings.map.orphan_grace / 2).clamp(Duration::from_secs(1), Duration::from_secs(15))
+        (self.cfg.orphan_grace / 2).clamp(Duration::from_secs(1), Duration::from_secs(15))
     }
 }
 

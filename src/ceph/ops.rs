@@ -1,0 +1,110 @@
+//! The cluster operations the controller and the node make, behind one narrow trait:
+//! [`Cluster`] does them against Ceph (off the runtime, under Docker's deadlines), and
+//! a fake in `crate::testing` does them in memory, so that the decisions above them
+//! (idempotent Create, Get while the cluster is unreachable, rollback of a failed
+//! Mount, reconcile) are tested without root and without a cluster.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::images::{self, Created, Disposal, ImageFacts};
+use super::sys::CreateSpec;
+use super::Cluster;
+use crate::error::Result;
+
+/// Docker gives Create and Mount 2 minutes, everything else 1 minute; stay inside.
+pub const LONG_DEADLINE: Duration = Duration::from_secs(100);
+pub const SHORT_DEADLINE: Duration = Duration::from_secs(45);
+
+/// Metadata pairs to write (`Some`) or remove (`None`), keys without the prefix.
+pub type MetaChanges = Vec<(&'static str, Option<String>)>;
+
+#[async_trait]
+pub trait ClusterOps: Send + Sync {
+    /// The image `name` in the first of `pools` that has it, described.
+    async fn describe(&self, pools: Vec<String>, name: &str) -> Result<Option<ImageFacts>>;
+    /// Image names in `pools`, one listing per pool.
+    async fn list(&self, pools: Vec<String>, hint: usize) -> Result<Vec<String>>;
+    async fn create(
+        &self,
+        pool: &str,
+        name: &str,
+        spec: CreateSpec,
+        meta: Vec<(String, String)>,
+    ) -> Result<Created>;
+    async fn remove(&self, pools: Vec<String>, name: &str, how: Disposal) -> Result<()>;
+    async fn set_meta(&self, pool: &str, name: &str, changes: MetaChanges) -> Result<()>;
+    /// Whether any part of the image was ever written (librbd's allocation map).
+    async fn has_data(&self, pool: &str, name: &str) -> Result<bool>;
+    /// Removes a blocklist entry of a client that is gone for good.
+    async fn unblocklist(&self, addr: &str) -> Result<()>;
+}
+
+#[async_trait]
+impl ClusterOps for Cluster {
+    async fn describe(&self, pools: Vec<String>, name: &str) -> Result<Option<ImageFacts>> {
+        let n = name.to_string();
+        self.run("reading volume", SHORT_DEADLINE, move |r| {
+            images::describe_in(r, &pools, &n)
+        })
+        .await
+    }
+
+    async fn list(&self, pools: Vec<String>, hint: usize) -> Result<Vec<String>> {
+        self.run("listing volumes", SHORT_DEADLINE, move |r| {
+            let mut all = Vec::with_capacity(hint);
+            for pool in &pools {
+                all.extend(images::list(r, pool, hint)?);
+            }
+            Ok(all)
+        })
+        .await
+    }
+
+    async fn create(
+        &self,
+        pool: &str,
+        name: &str,
+        spec: CreateSpec,
+        meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("creating volume", LONG_DEADLINE, move |r| {
+            images::create(r, &pool, &name, &spec, &meta)
+        })
+        .await
+    }
+
+    async fn remove(&self, pools: Vec<String>, name: &str, how: Disposal) -> Result<()> {
+        let n = name.to_string();
+        self.run("removing volume", SHORT_DEADLINE, move |r| {
+            images::remove(r, &pools, &n, how)
+        })
+        .await
+    }
+
+    async fn set_meta(&self, pool: &str, name: &str, changes: MetaChanges) -> Result<()> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("writing volume metadata", SHORT_DEADLINE, move |r| {
+            images::set_meta(r, &pool, &name, &changes)
+        })
+        .await
+    }
+
+    async fn has_data(&self, pool: &str, name: &str) -> Result<bool> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("reading the allocation map", LONG_DEADLINE, move |r| {
+            images::has_data(r, &pool, &name)
+        })
+        .await
+    }
+
+    async fn unblocklist(&self, addr: &str) -> Result<()> {
+        let a = addr.to_string();
+        self.run("cleaning the blocklist", SHORT_DEADLINE, move |r| {
+            images::unblocklist(r, &a)
+        })
+        .await
+    }
+}

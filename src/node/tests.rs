@@ -1,0 +1,632 @@
+//! The node's decisions, with the cluster, the host and the mappers faked in memory
+//! (`crate::testing`): references across IDs and dockerd instances, rollback after a
+//! failure at every step of Mount, fencing, orphans, reconcile, and Remove racing Mount.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::attach::Mappers;
+use super::{Node, NodeConfig};
+use crate::error::Error;
+use crate::host::fs::{Content, Probe};
+use crate::host::mapper::{Health, KernelMapping, MapperKind};
+use crate::testing::*;
+
+struct World {
+    node: Node,
+    cluster: Arc<FakeCluster>,
+    host: Arc<FakeHost>,
+    mapper: Arc<FakeMapper>,
+    krbd: Arc<FakeMapper>,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn mountpoint(&self, name: &str) -> PathBuf {
+        self.dir.path().join("mounts/rbd").join(name)
+    }
+
+    /// Nothing of `name` is left on this host: no record, mapping or mount.
+    fn assert_released(&self, name: &str) {
+        assert!(self.node.attached(name).is_none(), "{name} still recorded");
+        assert!(!self.mapper.is_mapped("rbd", name), "{name} still mapped");
+        assert!(
+            !self.host.is_mounted(&self.mountpoint(name)),
+            "{name} still mounted"
+        );
+    }
+
+    /// Makes every reference of `name` look `secs` old.
+    fn age(&self, name: &str, secs: u64) {
+        let now = super::mounts::now_secs();
+        self.node
+            .update_table(|vols| {
+                for r in vols.get_mut(name).unwrap().refs.values_mut() {
+                    r.since = now - secs;
+                }
+            })
+            .unwrap();
+    }
+
+    /// A node restarted on the same state directory and effects.
+    fn restarted(self) -> World {
+        let node = node_on(
+            self.dir.path(),
+            self.cluster.clone(),
+            self.host.clone(),
+            self.mapper.clone(),
+            self.krbd.clone(),
+            true,
+        );
+        World { node, ..self }
+    }
+}
+
+fn node_on(
+    dir: &Path,
+    cluster: Arc<FakeCluster>,
+    host: Arc<FakeHost>,
+    mapper: Arc<FakeMapper>,
+    krbd: Arc<FakeMapper>,
+    sees_all: bool,
+) -> Node {
+    let mappers = Mappers::new(
+        mapper.kind,
+        vec![mapper, krbd, Arc::new(FakeMapper::new(MapperKind::Nbd))],
+    );
+    Node::new(
+        NodeConfig {
+            host_id: "host-a".into(),
+            mount_root: dir.join("mounts"),
+            pools: vec!["rbd".into(), "fast".into()],
+            takeover_wait: Duration::from_secs(1),
+            orphan_grace: Duration::from_secs(60),
+            state_dir: dir.join("state"),
+            dockerd_pid_file: dir.join("docker.pid"),
+            sees_all_processes: sees_all,
+        },
+        cluster,
+        host,
+        mappers,
+    )
+    .unwrap()
+}
+
+fn world_with(images: Vec<crate::ceph::images::ImageFacts>, kind: MapperKind) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(FakeCluster::with(images));
+    let host = Arc::new(FakeHost::default());
+    let mapper = Arc::new(FakeMapper::new(kind));
+    let krbd = if kind == MapperKind::Krbd {
+        mapper.clone()
+    } else {
+        Arc::new(FakeMapper::new(MapperKind::Krbd))
+    };
+    let node = node_on(
+        dir.path(),
+        cluster.clone(),
+        host.clone(),
+        mapper.clone(),
+        krbd.clone(),
+        true,
+    );
+    World {
+        node,
+        cluster,
+        host,
+        mapper,
+        krbd,
+        dir,
+    }
+}
+
+fn world() -> World {
+    world_with(vec![fresh("rbd", "v")], MapperKind::Userspace)
+}
+
+fn id(n: u32) -> String {
+    format!("{n:064x}")
+}
+
+#[tokio::test]
+async fn a_first_mount_maps_formats_marks_and_mounts() {
+    let w = world();
+    let mp = w.node.mount("v", &id(1)).await.unwrap();
+    assert_eq!(mp, w.mountpoint("v"));
+    assert!(w.host.is_mounted(&mp) && w.mapper.is_mapped("rbd", "v"));
+    let mkfs = w.host.state.lock().unwrap().mkfs.clone();
+    assert_eq!(mkfs, [("ext4".into(), true, PathBuf::from("/dev/fake1"))]);
+    assert!(w
+        .cluster
+        .meta("v", "formatted")
+        .unwrap()
+        .starts_with("ext4 by host-a"));
+    assert!(w.cluster.meta("v", "first-mapped").is_some());
+    let options = w.host.state.lock().unwrap().mounted[0].1.clone();
+    assert!(
+        options.contains("nosuid") && options.contains("nodev"),
+        "{options}"
+    );
+    assert_eq!(w.node.attached("v").unwrap().container_mounts, 1);
+}
+
+#[tokio::test]
+async fn further_ids_are_counted_without_mapping_again() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.node.mount("v", &id(2)).await.unwrap();
+    assert_eq!(w.mapper.maps(), 1);
+    assert_eq!(w.node.attached("v").unwrap().container_mounts, 2);
+    w.node.unmount("v", &id(1)).await.unwrap();
+    assert!(
+        w.mapper.is_mapped("rbd", "v"),
+        "the other container still uses it"
+    );
+    w.node.unmount("v", &id(2)).await.unwrap();
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn the_same_id_twice_needs_two_unmounts() {
+    // docker cp on a running container mounts the container's ID again.
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.node.unmount("v", &id(1)).await.unwrap();
+    assert!(w.node.attached("v").is_some());
+    w.node.unmount("v", &id(1)).await.unwrap();
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn an_unknown_id_or_volume_unmounts_as_a_no_op() {
+    let w = world();
+    w.node.unmount("v", &id(9)).await.unwrap();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.node.unmount("v", &id(9)).await.unwrap();
+    assert_eq!(w.node.attached("v").unwrap().container_mounts, 1);
+}
+
+#[tokio::test]
+async fn a_mount_from_a_restarted_dockerd_replaces_the_stale_count() {
+    let w = world();
+    let pid_file = w.dir.path().join("docker.pid");
+    std::fs::write(&pid_file, format!("{}\n", std::process::id())).unwrap();
+    w.node.mount("v", &id(1)).await.unwrap();
+    // dockerd crashed without Unmount; the new one (another pid) mounts the same ID.
+    std::fs::write(&pid_file, "1\n").unwrap();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.node.unmount("v", &id(1)).await.unwrap();
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_failed_map_leaves_nothing() {
+    let w = world();
+    w.mapper.set(|s| s.fail_map = true);
+    assert!(w.node.mount("v", &id(1)).await.is_err());
+    w.assert_released("v");
+    assert!(w.cluster.meta("v", "first-mapped").is_none());
+}
+
+#[tokio::test]
+async fn every_later_step_that_fails_is_undone() {
+    for step in ["probe", "mkfs", "mount"] {
+        let w = world();
+        w.host.set(|s| {
+            s.fail.insert(step);
+        });
+        let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+        assert!(err.contains(step), "{step}: {err}");
+        w.assert_released("v");
+        assert_eq!(w.mapper.state.lock().unwrap().unmaps.len(), 1, "{step}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_metadata_write_is_undone() {
+    let w = world();
+    w.cluster.set(|s| s.fail_set_meta = true);
+    let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+    assert!(err.contains("Read-only"), "{err}");
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_failed_check_of_an_existing_filesystem_is_undone() {
+    let w = world();
+    w.host.set(|s| {
+        s.probes
+            .insert("/dev/fake1".into(), Probe::Signature("ext4".into()));
+        s.fail.insert("preen");
+    });
+    assert!(w.node.mount("v", &id(1)).await.is_err());
+    w.assert_released("v");
+    assert!(w.host.state.lock().unwrap().mkfs.is_empty());
+}
+
+#[tokio::test]
+async fn a_reference_that_cannot_be_recorded_is_undone() {
+    let w = world();
+    // The table's temp file taken by a directory: the save fails, even as root.
+    let state = w.dir.path().join("state");
+    std::fs::create_dir_all(state.join("refs.tmp")).unwrap();
+    assert!(w.node.mount("v", &id(1)).await.is_err());
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn an_unreadable_blank_looking_device_is_refused_untouched() {
+    let w = world_with(
+        vec![facts(
+            "rbd",
+            "v",
+            &[("fstype", "ext4"), ("first-mapped", "t")],
+        )],
+        MapperKind::Userspace,
+    );
+    w.host.set(|s| {
+        s.content
+            .insert("/dev/fake1".into(), Content::Unreadable("EIO".into()));
+    });
+    let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+    assert!(err.contains("could not be read"), "{err}");
+    assert!(w.host.state.lock().unwrap().mkfs.is_empty());
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_volume_that_was_written_but_shows_no_filesystem_is_never_formatted() {
+    let w = world_with(
+        vec![facts(
+            "rbd",
+            "v",
+            &[
+                ("fstype", "ext4"),
+                ("created-at", "t"),
+                ("first-mapped", "t"),
+            ],
+        )],
+        MapperKind::Userspace,
+    );
+    w.cluster.set(|s| {
+        s.allocated.insert("v".into());
+    });
+    let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+    assert!(err.contains("will not format"), "{err}");
+    assert!(w.host.state.lock().unwrap().mkfs.is_empty());
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_filesystem_found_is_mounted_as_is_and_marked() {
+    let w = world_with(vec![facts("rbd", "v", &[])], MapperKind::Userspace);
+    w.host.set(|s| {
+        s.probes
+            .insert("/dev/fake1".into(), Probe::Signature("xfs".into()));
+    });
+    w.node.mount("v", &id(1)).await.unwrap();
+    assert!(w.host.state.lock().unwrap().mkfs.is_empty());
+    let marker = w.cluster.meta("v", "formatted").unwrap();
+    assert!(marker.starts_with("xfs found by host-a"), "{marker}");
+    let options = w.host.state.lock().unwrap().mounted[0].1.clone();
+    assert!(options.contains("nouuid"), "{options}");
+}
+
+#[tokio::test]
+async fn tampered_metadata_is_refused_before_anything_is_mapped() {
+    let w = world_with(
+        vec![facts(
+            "rbd",
+            "v",
+            &[("fstype", "ext4"), ("mkfs-options", "-d /etc")],
+        )],
+        MapperKind::Userspace,
+    );
+    let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+    assert!(err.contains("changed outside rbdvol"), "{err}");
+    assert_eq!(w.mapper.maps(), 0);
+}
+
+#[tokio::test]
+async fn a_volume_that_does_not_exist_is_not_found() {
+    let w = world();
+    let err = w.node.mount("nope", &id(1)).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert_eq!(w.mapper.maps(), 0);
+}
+
+#[tokio::test]
+async fn a_mount_refused_by_another_holder_names_it() {
+    let mut f = fresh("rbd", "v");
+    held_by(&mut f, "host-b", "10.0.0.3:0/7");
+    let w = world_with(vec![f], MapperKind::Userspace);
+    w.mapper.set(|s| s.fail_map = true);
+    let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+    assert!(err.contains("in use on host host-b"), "{err}");
+}
+
+#[tokio::test]
+async fn a_fenced_volume_refuses_new_mounts_until_its_last_unmount() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.mapper.set(|s| {
+        s.health.insert("rbd/v".into(), Health::Fenced);
+    });
+    w.node.check_fencing(None).await;
+    assert!(w.node.attached("v").unwrap().fenced);
+    let err = w.node.mount("v", &id(2)).await.unwrap_err().to_string();
+    assert!(err.contains("fenced"), "{err}");
+    assert_eq!(w.mapper.maps(), 1);
+    w.node.unmount("v", &id(1)).await.unwrap();
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_mount_finding_its_recorded_mount_gone_mounts_again_and_keeps_the_counts() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.host.set(|s| s.mounts.clear());
+    w.node.mount("v", &id(2)).await.unwrap();
+    assert_eq!(w.mapper.maps(), 2);
+    assert_eq!(w.node.attached("v").unwrap().container_mounts, 2);
+}
+
+#[tokio::test]
+async fn a_teardown_that_fails_keeps_the_record_for_a_retry() {
+    let w = world();
+    let mp = w.node.mount("v", &id(1)).await.unwrap();
+    w.host.set(|s| {
+        s.busy.insert(mp.clone());
+    });
+    assert!(w.node.unmount("v", &id(1)).await.is_err());
+    assert!(
+        w.node.attached("v").is_some(),
+        "forgotten while still mounted"
+    );
+    w.host.set(|s| s.busy.clear());
+    // The sweep retries a record with no references.
+    w.node.release_orphans().await;
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_device_still_in_use_is_not_released_and_not_mounted_over() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.host.set(|s| s.mounts.clear());
+    w.mapper.set(|s| s.fail_unmap = true);
+    assert!(w.node.mount("v", &id(2)).await.is_err());
+    assert_eq!(
+        w.mapper.maps(),
+        1,
+        "mapped a second time over a device in use"
+    );
+    assert!(w.node.attached("v").is_some());
+}
+
+#[tokio::test]
+async fn an_orphaned_reference_is_released_at_the_last_unmount_docker_sends() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap(); // Docker never got this answer
+    w.node.mount("v", &id(2)).await.unwrap(); // its retry
+    w.age("v", 120);
+    w.node.unmount("v", &id(2)).await.unwrap();
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_young_reference_is_kept_a_container_may_be_starting() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.node.mount("v", &id(2)).await.unwrap();
+    w.node.unmount("v", &id(2)).await.unwrap();
+    w.node.release_orphans().await;
+    assert!(w.mapper.is_mapped("rbd", "v"));
+}
+
+#[tokio::test]
+async fn a_volume_a_container_holds_is_never_released_as_an_orphan() {
+    let w = world();
+    let mp = w.node.mount("v", &id(1)).await.unwrap();
+    w.age("v", 600);
+    w.host.set(|s| {
+        s.uses.insert(
+            mp.clone(),
+            vec!["mounted at /data in pid 42's namespace".into()],
+        );
+    });
+    w.node.release_orphans().await;
+    assert!(w.mapper.is_mapped("rbd", "v"));
+    w.host.set(|s| s.uses.clear());
+    w.node.release_orphans().await;
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn without_sight_of_every_process_nothing_is_released_as_an_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(FakeCluster::with(vec![fresh("rbd", "v")]));
+    let host = Arc::new(FakeHost::default());
+    let mapper = Arc::new(FakeMapper::new(MapperKind::Userspace));
+    let krbd = Arc::new(FakeMapper::new(MapperKind::Krbd));
+    let node = node_on(dir.path(), cluster, host, mapper.clone(), krbd, false);
+    node.mount("v", &id(1)).await.unwrap();
+    node.update_table(|vols| {
+        for r in vols.get_mut("v").unwrap().refs.values_mut() {
+            r.since = 0;
+        }
+    })
+    .unwrap();
+    node.release_orphans().await;
+    assert!(mapper.is_mapped("rbd", "v"));
+}
+
+#[tokio::test]
+async fn a_fenced_client_that_exited_is_taken_off_the_blocklist() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.mapper
+        .set(|s| s.fenced_client = Some("10.0.0.2:0/9".into()));
+    w.node.unmount("v", &id(1)).await.unwrap();
+    assert_eq!(
+        w.cluster.state.lock().unwrap().unblocklisted,
+        ["10.0.0.2:0/9"]
+    );
+}
+
+#[tokio::test]
+async fn reconcile_adopts_what_is_consistent() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    let w = w.restarted();
+    w.node.reconcile().await;
+    assert_eq!(w.node.attached("v").unwrap().container_mounts, 1);
+    assert!(w.mapper.is_mapped("rbd", "v"));
+}
+
+#[tokio::test]
+async fn reconcile_marks_a_fenced_volume() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.mapper.set(|s| {
+        s.health.insert("rbd/v".into(), Health::Fenced);
+    });
+    let w = w.restarted();
+    w.node.reconcile().await;
+    assert!(w.node.attached("v").unwrap().fenced);
+}
+
+#[tokio::test]
+async fn reconcile_releases_a_volume_whose_mount_is_gone() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.host.set(|s| s.mounts.clear());
+    let w = w.restarted();
+    w.node.reconcile().await;
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn reconcile_keeps_the_record_of_what_it_cannot_release() {
+    let w = world();
+    let mp = w.node.mount("v", &id(1)).await.unwrap();
+    w.mapper.set(|s| {
+        s.health.insert("rbd/v".into(), Health::Gone);
+    });
+    w.host.set(|s| {
+        s.busy.insert(mp);
+    });
+    let w = w.restarted();
+    w.node.reconcile().await;
+    assert!(w.node.attached("v").is_some());
+}
+
+#[tokio::test]
+async fn reconcile_unmounts_untracked_mounts_below_the_root_only_when_unused() {
+    let w = world();
+    let root = w.dir.path().join("mounts");
+    let stray = root.join("rbd/stray");
+    let used = root.join("rbd/used");
+    w.host.set(|s| {
+        s.mounts.push(entry(Path::new("/dev/loop5"), &root, "ext4"));
+        s.mounts
+            .push(entry(Path::new("/dev/loop6"), &stray, "ext4"));
+        s.mounts.push(entry(Path::new("/dev/loop7"), &used, "ext4"));
+        s.uses.insert(used.clone(), vec!["a container".into()]);
+    });
+    w.node.reconcile().await;
+    assert!(w.host.is_mounted(&root), "the root itself is not ours");
+    assert!(!w.host.is_mounted(&stray));
+    assert!(w.host.is_mounted(&used));
+}
+
+#[tokio::test]
+async fn reconcile_releases_unrecorded_mappings_but_not_recorded_ones() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.mapper.set(|s| {
+        s.unrecorded = vec![("rbd".into(), "v".into()), ("rbd".into(), "crashed".into())];
+        s.mapped.insert("rbd/crashed".into(), "/dev/fake9".into());
+    });
+    let w = w.restarted();
+    w.node.reconcile().await;
+    assert!(w.mapper.is_mapped("rbd", "v"));
+    assert!(!w.mapper.is_mapped("rbd", "crashed"));
+}
+
+#[tokio::test]
+async fn reconcile_releases_kernel_mappings_only_with_an_intent() {
+    let w = world_with(vec![fresh("rbd", "v")], MapperKind::Krbd);
+    let mapping = |image: &str, device: &str| KernelMapping {
+        pool: "rbd".into(),
+        image: image.into(),
+        snap: "-".into(),
+        device: device.into(),
+    };
+    // A crash between map and record: the intent is on disk, the mapping in the kernel.
+    w.node.attacher.intents.begin("rbd", "crashed").unwrap();
+    w.krbd.set(|s| {
+        s.kernel = vec![
+            mapping("crashed", "/dev/rbd0"),
+            mapping("admins", "/dev/rbd1"),
+        ];
+        s.mapped.insert("rbd/crashed".into(), "/dev/rbd0".into());
+        s.mapped.insert("rbd/admins".into(), "/dev/rbd1".into());
+    });
+    w.node.reconcile().await;
+    assert!(!w.krbd.is_mapped("rbd", "crashed"));
+    assert!(!w.node.attacher.intents.exists("rbd", "crashed"));
+    assert!(w.krbd.is_mapped("rbd", "admins"), "not rbdvol's to unmap");
+}
+
+#[tokio::test]
+async fn kernel_maps_leave_no_intent_behind() {
+    let w = world_with(vec![fresh("rbd", "v"), fresh("rbd", "w")], MapperKind::Krbd);
+    w.node.mount("v", &id(1)).await.unwrap();
+    assert!(!w.node.attacher.intents.exists("rbd", "v"));
+    w.host.set(|s| {
+        s.fail.insert("mkfs");
+    });
+    assert!(w.node.mount("w", &id(1)).await.is_err());
+    assert!(!w.node.attacher.intents.exists("rbd", "w"));
+}
+
+#[tokio::test]
+async fn remove_is_refused_while_mounted_here_and_runs_otherwise() {
+    let w = world();
+    w.node.mount("v", &id(1)).await.unwrap();
+    let err = w
+        .node
+        .while_unmounted("v", async { Ok(()) })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mounted on this host (host-a) by 1"), "{err}");
+    w.node.unmount("v", &id(1)).await.unwrap();
+    w.node.while_unmounted("v", async { Ok(()) }).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_remove_racing_a_mount_waits_for_it_and_refuses() {
+    let w = Arc::new(world());
+    w.mapper.set(|s| s.map_delay = Duration::from_millis(200));
+    let m = w.clone();
+    let mounting = tokio::spawn(async move { m.node.mount("v", &id(1)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let removed = std::sync::atomic::AtomicBool::new(false);
+    let r = w
+        .node
+        .while_unmounted("v", async {
+            removed.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+        .await;
+    assert!(
+        r.is_err(),
+        "Remove ran while a Mount of the volume was under way"
+    );
+    assert!(!removed.load(std::sync::atomic::Ordering::SeqCst));
+    mounting.await.unwrap().unwrap();
+}
