@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use common::e2e::*;
+use common::host::live_pids;
 use common::{cmdline, images_in, lock_holders, mounts_under};
 
 /// Mounts strictly below `dir` (Docker's propagated mount is itself a mount point).
@@ -20,18 +21,15 @@ fn mounts_below(dir: &Path) -> Vec<String> {
 /// Processes in the managed plugin `id`'s cgroup: its daemon plus one exporter per
 /// mapped volume.
 fn managed_processes(id: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if cg.contains(id) && !stat.contains(") Z ") {
-            out.push(format!("{pid}: {}", cmdline(pid)));
-        }
-    }
-    out
+    live_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .unwrap_or_default()
+                .contains(id)
+        })
+        .map(|pid| format!("{pid}: {}", cmdline(pid)))
+        .collect()
 }
 
 /// The managed (v2) plugin, built without a registry by integration/build-managed-plugin

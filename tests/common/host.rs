@@ -49,25 +49,32 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Live (not zombie) processes other than this one whose command line mentions a
-/// path below `dir` (a host's daemon and exporters).
-pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
-    let d = format!("{}/", dir.display());
+/// Live (not zombie) processes other than this one.
+pub fn live_pids() -> Vec<u32> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(&d)
-            && !stat.contains(") Z ")
-            && pid != std::process::id()
-        {
+        if !stat.contains(") Z ") && pid != std::process::id() {
             pids.push(pid);
         }
     }
     pids
+}
+
+/// Live processes other than this one whose command line mentions a path below
+/// `dir` (a host's daemon and exporters).
+pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
+    let d = format!("{}/", dir.display());
+    live_pids()
+        .into_iter()
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&d)
+        })
+        .collect()
 }
 
 pub fn cmdline(pid: u32) -> String {
