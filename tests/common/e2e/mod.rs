@@ -1,6 +1,7 @@
-//! Fixtures of the Docker end-to-end tests (tests/docker_*.rs): the `docker` CLI talks to the machine's
-//! dockerd, which finds a real `rbdvol serve` by its socket in /run/docker/plugins
-//! (a legacy v1 plugin) and drives it; the cluster is then checked with the `rbd` CLI.
+//! Fixtures of the Docker end-to-end tests (tests/docker_*.rs): the `docker` CLI talks
+//! to the machine's dockerd, which finds a real `rbdvol serve` by its socket in
+//! /run/docker/plugins (a legacy v1 plugin) and drives it; the cluster is then checked
+//! with the `rbd` CLI.
 //! One test does the same through the managed (v2) plugin that
 //! integration/build-managed-plugin builds from this build's binary and Debian
 //! packages (the first run on a machine builds and caches its root filesystem).
@@ -16,8 +17,8 @@
 //!   disappears, every unfiltered `docker volume ls`, and every lookup of a volume name
 //!   dockerd has no record of, retries that driver for ~15 s. So plugin names are
 //!   *fixed* per test (`rbdvol-e2e-<test>-<host>`), not per run: a later run serves
-//!   the same sockets again instead of adding new stale drivers, and one run at a time
-//!   holds them (a lock file). The tests only use `docker volume ls -f driver=NAME`
+//!   the same sockets again instead of adding new stale drivers, and one test binary at
+//!   a time on the machine holds them (a lock file, held until the process exits). The tests only use `docker volume ls -f driver=NAME`
 //!   (asks that driver alone) and never name a volume dockerd does not know.
 //! - dockerd records each volume (name → driver) in its metadata.db. Each test removes
 //!   its containers, then the volumes dockerd still records, then stops its plugins,
