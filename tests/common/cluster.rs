@@ -68,3 +68,13 @@ pub fn blocklist() -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
+
+/// Until when `addr` is on the blocklist, from `ceph osd blocklist ls`.
+pub fn blocklisted_until(addr: &str) -> Option<std::time::SystemTime> {
+    blocklist().lines().find_map(|l| {
+        let (a, until) = l.split_once(' ')?;
+        // `2027-12-02T02:34:16.214411+0000`: the test cluster's clock is this machine's, in UTC.
+        (a == addr)
+            .then(|| humantime::parse_rfc3339_weak(&format!("{}Z", until.get(..19)?)).ok())?
+    })
+}

@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 // Re-exported for `use common::*;` (each test binary uses some of them).
 #[allow(unused_imports)]
-pub use cluster::{blocklist, image_meta, images_in, lock_holders, rbd, trashed_names};
+pub use cluster::{
+    blocklist, blocklisted_until, image_meta, images_in, lock_holders, rbd, trashed_names,
+};
 #[allow(unused_imports)]
 pub use conn::Conn;
 #[allow(unused_imports)]
