@@ -15,6 +15,9 @@
 //! Without BENCH_CEPH_CONF it says so and does nothing (`cargo bench` alone, or a
 //! `cargo test --all-targets`, must not fail for want of a cluster).
 
+// The test fixtures (daemon client, host teardown), shared rather than copied.
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "rbdvol/concurrency.rs"]
 mod concurrency;
 #[path = "rbdvol/control.rs"]

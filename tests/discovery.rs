@@ -1,6 +1,6 @@
 //! Legacy plugin discovery through a `.spec` file: dockerd reads the address from
 //! /etc/docker/plugins/NAME.spec (here a unix socket outside /run/docker/plugins) and
-//! drives the plugin there. (The `.sock` way is covered by tests/docker_e2e.rs, the
+//! drives the plugin there. (The `.sock` way is covered by tests/docker_*.rs, the
 //! `.json` + mutual TLS way by tests/tls.rs.)
 
 mod common;

@@ -6,7 +6,8 @@
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::plugin::{mount_id, mounts_under, Plugin};
+use crate::common::mounts_under;
+use crate::plugin::{mount_id, Plugin};
 use crate::report::Section;
 use crate::util::{fmt_mp, fmt_ratio, fmt_s, Ctx, Env, Samples, R};
 
@@ -152,7 +153,7 @@ fn stuck_volume(env: &Env, main: &Plugin, others: &[String]) -> R<Stuck> {
 fn leftovers(main: &Plugin) -> Vec<String> {
     mounts_under(&main.dir.join("mounts"))
         .iter()
-        .map(|m| format!("still mounted: {}", m.display()))
+        .map(|m| format!("still mounted: {m}"))
         .collect()
 }
 

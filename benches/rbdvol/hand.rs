@@ -180,10 +180,7 @@ impl Mapped {
 
     fn teardown(&mut self) -> R<()> {
         let mp = s(&self.mountpoint).to_string();
-        if crate::plugin::mounts_under(&self.mountpoint)
-            .iter()
-            .any(|m| s(m) == mp)
-        {
+        if crate::common::is_mountpoint(&self.mountpoint) {
             run_ok(&["umount", &mp], STEP_DEADLINE)?;
         }
         if !self.device.is_empty() {
@@ -212,7 +209,7 @@ impl Mapped {
 impl Drop for Mapped {
     fn drop(&mut self) {
         if self.teardown().is_err() {
-            crate::plugin::clean_host(&self.dir);
+            crate::common::host::clean_host(&self.dir, crate::plugin::EXPORTER_GRACE);
         }
     }
 }

@@ -1,20 +1,22 @@
 //! Owns the benchmark's "hosts": real `target/release/rbdvol serve` processes, each with
-//! its own socket, state dir, mount root and host id under the run's directory; a
-//! client that speaks to them exactly as dockerd does (HTTP/1.1 over the unix socket,
-//! keep-alive); and the teardown of everything a host left behind (its mounts, loop
-//! devices and exporter processes), found by path so nothing of anyone else's is touched.
+//! its own socket, state dir, mount root and host id under the run's directory, and a
+//! keep-alive client for them. Speaking like dockerd, finding what a host left behind
+//! and tearing it down (found by path, so nothing of anyone else's is touched) are the
+//! test fixtures' own code (tests/common: `conn`, `host`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-use crate::util::{rss_kib, run, s, Ctx, Env, R};
+pub use crate::common::mount_id;
+
+use crate::common::host::{await_socket, clean_host, stop_child};
+use crate::util::{rss_kib, s, Ctx, Env, R};
+
+/// How long a host's exporters get to exit on SIGTERM at teardown before SIGKILL.
+pub const EXPORTER_GRACE: Duration = Duration::from_secs(5);
 
 /// A running `rbdvol serve`, stopped by pid and cleaned up when dropped.
 pub struct Plugin {
@@ -65,15 +67,10 @@ impl Plugin {
             socket,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while UnixStream::connect(&p.socket).is_err() {
-            if let Ok(Some(st)) = p.child.as_mut().map_or(Ok(None), |c| c.try_wait()) {
-                return Err(format!("rbdvol serve exited with {st}: {}", p.log_tail()));
+        if let Some(child) = p.child.as_mut() {
+            if let Err(why) = await_socket(&p.socket, child, Duration::from_secs(15)) {
+                return Err(format!("rbdvol serve: {why}: {}", p.log_tail()));
             }
-            if Instant::now() > deadline {
-                return Err(format!("socket never appeared: {}", p.log_tail()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
         p.conn()?.call("Plugin.Activate", "")?;
         Ok(p)
@@ -142,21 +139,8 @@ impl Plugin {
 
     /// SIGTERM, then SIGKILL if it has not exited after 10 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.take() {
+            stop_child(child, Duration::from_secs(10));
         }
     }
 }
@@ -164,107 +148,15 @@ impl Plugin {
 impl Drop for Plugin {
     fn drop(&mut self) {
         self.stop();
-        clean_host(&self.dir);
+        clean_host(&self.dir, EXPORTER_GRACE);
     }
 }
 
-/// Tears down whatever lives below `dir`: filesystems first, then the loop devices
-/// (while their FUSE backing files still resolve), then the processes whose command
-/// line names `dir` (exporters: SIGTERM, SIGKILL after 5 s), then whatever FUSE mounts
-/// are left, lazily.
-pub fn clean_host(dir: &Path) {
-    let deadline = Duration::from_secs(30);
-    for m in mounts_under(dir).into_iter().rev() {
-        if !s(&m).contains("/exports/") {
-            let _ = run(&["umount", s(&m)], deadline);
-        }
-    }
-    for l in loops_under(dir) {
-        let _ = run(&["losetup", "-d", &l], deadline);
-    }
-    let pids = processes_mentioning(dir);
-    for &p in &pids {
-        let _ = kill(Pid::from_raw(p as i32), Signal::SIGTERM);
-    }
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until && !processes_mentioning(dir).is_empty() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for p in processes_mentioning(dir) {
-        let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    for m in mounts_under(dir).into_iter().rev() {
-        let _ = run(&["umount", "-l", s(&m)], deadline);
-    }
-}
-
-/// Mount points at or below `dir`.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4).map(|t| t.replace("\\040", " ")))
-        .map(PathBuf::from)
-        .filter(|t| t.starts_with(dir))
-        .collect()
-}
-
-/// Loop devices whose backing file lies below `dir`.
-pub fn loops_under(dir: &Path) -> Vec<String> {
-    let Ok(out) = run(
-        &["losetup", "--list", "--json", "-O", "NAME,BACK-FILE"],
-        Duration::from_secs(30),
-    ) else {
-        return Vec::new();
-    };
-    let Ok(v) = serde_json::from_str::<Value>(&out.stdout) else {
-        return Vec::new();
-    };
-    v["loopdevices"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|e| {
-                    e["back-file"]
-                        .as_str()
-                        .is_some_and(|f| Path::new(f).starts_with(dir))
-                })
-                .filter_map(|e| e["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Live (not zombie) processes whose command line mentions `dir`: only ever ours,
-/// because `dir` is unique to this run.
-pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
-    let d = format!("{}/", dir.display());
-    let me = std::process::id();
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(&d) && !stat.contains(") Z ") {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// A keep-alive HTTP/1.1 connection to a plugin socket.
+/// A keep-alive connection to a plugin socket, speaking as dockerd does
+/// (tests/common/conn.rs), reconnecting after idling like dockerd's HTTP client.
 pub struct Conn {
     socket: PathBuf,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    inner: crate::common::Conn,
     last_used: Instant,
 }
 
@@ -274,75 +166,21 @@ const IDLE_RECONNECT: Duration = Duration::from_secs(5);
 
 impl Conn {
     pub fn open(socket: &Path) -> R<Conn> {
-        let s = UnixStream::connect(socket).ctx(format!("connecting to {}", socket.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(150)))
-            .ctx("setting the read timeout")?;
         Ok(Conn {
             socket: socket.to_path_buf(),
-            reader: BufReader::new(s.try_clone().ctx("cloning the socket")?),
-            writer: s,
+            inner: crate::common::Conn::try_open(socket)?,
             last_used: Instant::now(),
         })
     }
 
-    /// One request as dockerd shapes it (POST, Host plugin.moby.localhost, the v1.2
-    /// Accept header, no Content-Type, compact JSON plus a newline) and its answer.
+    /// One request as dockerd shapes it and its answer.
     pub fn request(&mut self, endpoint: &str, body: &str) -> R<(u16, Value)> {
         if self.last_used.elapsed() > IDLE_RECONNECT {
             *self = Conn::open(&self.socket)?;
         }
-        let answer = self.exchange(endpoint, body);
+        let answer = self.inner.try_request(endpoint, body);
         self.last_used = Instant::now();
         answer
-    }
-
-    fn exchange(&mut self, endpoint: &str, body: &str) -> R<(u16, Value)> {
-        let body = if body.is_empty() {
-            String::new()
-        } else {
-            format!("{body}\n")
-        };
-        let req = format!(
-            "POST /{endpoint} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: {}\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nAccept-Encoding: gzip\r\n\r\n{body}",
-            body.len()
-        );
-        self.writer
-            .write_all(req.as_bytes())
-            .ctx(format!("sending {endpoint}"))?;
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .ctx(format!("reading the answer to {endpoint}"))?;
-        if n == 0 {
-            return Err(format!("{endpoint}: the plugin closed the connection"));
-        }
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("{endpoint}: bad status line {line:?}"))?;
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            self.reader.read_line(&mut h).ctx("reading headers")?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().ctx("content-length")?;
-                }
-            }
-        }
-        let mut buf = vec![0u8; len];
-        self.reader.read_exact(&mut buf).ctx("reading the body")?;
-        let v = serde_json::from_slice(&buf).ctx(format!(
-            "{endpoint}: answer is not JSON: {}",
-            String::from_utf8_lossy(&buf)
-        ))?;
-        Ok((status, v))
     }
 
     /// A request that must succeed: status 200 and no (or an empty) Err.
@@ -399,9 +237,4 @@ impl Conn {
         )
         .map(drop)
     }
-}
-
-/// A Docker-style mount ID (64 hex digits).
-pub fn mount_id(n: u64) -> String {
-    format!("{n:064x}")
 }
