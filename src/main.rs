@@ -80,6 +80,9 @@ fn chosen_mapper(settings: &Settings) -> MapperKind {
 
 /// The controller and the node over this machine's real effects.
 fn backends(settings: &Settings, cluster: Arc<Cluster>) -> Result<Backends> {
+    // One cache of what the cluster said, shared by both halves: Get can answer for a
+    // volume mounted here even while the cluster cannot be reached.
+    let cluster = Arc::new(rbdvol::ceph::ops::Remembering::new(cluster));
     let host_id = settings.effective_host_id();
     let exporters = Exporters {
         exe: std::env::current_exe()

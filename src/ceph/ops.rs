@@ -108,3 +108,74 @@ impl ClusterOps for Cluster {
         .await
     }
 }
+
+/// [`ClusterOps`] that remembers the last description of every volume that anyone
+/// (Get, Create, Mount) read through it. The controller answers Get from it while the
+/// cluster cannot be reached: Docker reads any Get error as "no such volume" and would
+/// forget the volume, so a volume seen once must stay answerable.
+pub struct Remembering {
+    inner: std::sync::Arc<dyn ClusterOps>,
+    seen: std::sync::Mutex<std::collections::HashMap<String, ImageFacts>>,
+}
+
+impl Remembering {
+    pub fn new(inner: std::sync::Arc<dyn ClusterOps>) -> Remembering {
+        Remembering {
+            inner,
+            seen: Default::default(),
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ImageFacts>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last description of `name` read through this, if any.
+    pub fn last_seen(&self, name: &str) -> Option<ImageFacts> {
+        self.seen().get(name).cloned()
+    }
+}
+
+#[async_trait]
+impl ClusterOps for Remembering {
+    async fn describe(&self, pools: Vec<String>, name: &str) -> Result<Option<ImageFacts>> {
+        let found = self.inner.describe(pools, name).await?;
+        match &found {
+            Some(f) => self.seen().insert(name.to_string(), f.clone()),
+            None => self.seen().remove(name),
+        };
+        Ok(found)
+    }
+
+    async fn list(&self, pools: Vec<String>, hint: usize) -> Result<Vec<String>> {
+        self.inner.list(pools, hint).await
+    }
+
+    async fn create(
+        &self,
+        pool: &str,
+        name: &str,
+        spec: CreateSpec,
+        meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        self.inner.create(pool, name, spec, meta).await
+    }
+
+    async fn remove(&self, pools: Vec<String>, name: &str, how: Disposal) -> Result<()> {
+        self.inner.remove(pools, name, how).await?;
+        self.seen().remove(name);
+        Ok(())
+    }
+
+    async fn set_meta(&self, pool: &str, name: &str, changes: MetaChanges) -> Result<()> {
+        self.inner.set_meta(pool, name, changes).await
+    }
+
+    async fn has_data(&self, pool: &str, name: &str) -> Result<bool> {
+        self.inner.has_data(pool, name).await
+    }
+
+    async fn unblocklist(&self, addr: &str) -> Result<()> {
+        self.inner.unblocklist(addr).await
+    }
+}

@@ -1,19 +1,20 @@
 //! The controller half: the cluster-side lifecycle of volumes, the same from every host.
-//! Create (validated options, stored on the image for every host to read), Get (with
-//! a cache so Get can still answer for known volumes while the cluster is
-//! unreachable), List and Remove (by policy: trash, delete or keep). Snapshots, clones
+//! Create (validated options, stored on the image for every host to read), Get (from the
+//! last description seen while the cluster is unreachable, see [`Remembering`]), List
+//! and Remove (by policy: trash, delete or keep). Snapshots, clones
 //! and resize belong here too. Results are typed; a front end (Docker's protocol in
 //! `api`, later CSI) turns them into its own shapes.
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::ceph::images::{Created, Disposal, ImageFacts};
+use crate::ceph::ops::Remembering;
 use crate::ceph::ClusterOps;
 use crate::config::{RemovePolicy, RemoveSettings, VolumeDefaults};
 use crate::error::{Error, Result};
@@ -50,9 +51,8 @@ pub struct VolumeInfo {
 
 pub struct Controller {
     cfg: ControllerConfig,
-    cluster: Arc<dyn ClusterOps>,
-    /// Last facts seen per volume: answers Get while the cluster is unreachable.
-    known: Mutex<HashMap<String, ImageFacts>>,
+    /// Shared with the node, so a volume mounted here is answerable too.
+    cluster: Arc<Remembering>,
     /// Serialises Create/Remove of one name on this host.
     locks: NameLocks,
     /// Size of the last listing, so the next one allocates once.
@@ -60,35 +60,19 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(cfg: ControllerConfig, cluster: Arc<dyn ClusterOps>) -> Controller {
+    pub fn new(cfg: ControllerConfig, cluster: Arc<Remembering>) -> Controller {
         Controller {
             cfg,
             cluster,
-            known: Mutex::new(HashMap::new()),
             locks: NameLocks::default(),
             list_hint: AtomicUsize::new(1024),
         }
     }
 
-    fn remember(&self, facts: &ImageFacts) {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.insert(facts.name.clone(), facts.clone());
-    }
-
-    fn forget(&self, name: &str) {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.remove(name);
-    }
-
-    fn remembered(&self, name: &str) -> Option<ImageFacts> {
-        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.get(name).cloned()
-    }
-
     /// Pools to search for `name`: where it was last seen first, then all.
     fn search_order(&self, name: &str) -> Vec<String> {
         let mut pools = self.cfg.pools.clone();
-        if let Some(f) = self.remembered(name) {
+        if let Some(f) = self.cluster.last_seen(name) {
             if let Some(i) = pools.iter().position(|p| *p == f.pool) {
                 let p = pools.remove(i);
                 pools.insert(0, p);
@@ -157,7 +141,6 @@ impl Controller {
         wanted: &VolumeOptions,
         existing: ImageFacts,
     ) -> Result<()> {
-        self.remember(&existing);
         let diffs = wanted.mismatches(&existing);
         if diffs.is_empty() {
             tracing::info!(
@@ -181,15 +164,9 @@ impl Controller {
     pub async fn get(&self, name: &str) -> Result<VolumeInfo> {
         names::validate(name)?;
         match self.lookup(name).await {
-            Ok(Some(facts)) => {
-                self.remember(&facts);
-                Ok(self.info(&facts, None))
-            }
-            Ok(None) => {
-                self.forget(name);
-                Err(Error::NotFound(name.to_string()))
-            }
-            Err(e) if e.is_unreachable() => match self.remembered(name) {
+            Ok(Some(facts)) => Ok(self.info(&facts, None)),
+            Ok(None) => Err(Error::NotFound(name.to_string())),
+            Err(e) if e.is_unreachable() => match self.cluster.last_seen(name) {
                 Some(facts) => {
                     tracing::warn!(volume = name, error = %e, "answering Get from the last known state");
                     Ok(self.info(&facts, Some(e.to_string())))
@@ -251,7 +228,6 @@ impl Controller {
         self.cluster
             .remove(self.search_order(name), name, disposal)
             .await?;
-        self.forget(name);
         tracing::info!(volume = name, how = ?disposal, "removed volume");
         Ok(())
     }

@@ -21,7 +21,7 @@ fn controller_with(cluster: Arc<FakeCluster>, policy: RemovePolicy) -> Controlle
                 trash_deferment: Duration::from_secs(3600),
             },
         },
-        cluster,
+        Arc::new(crate::ceph::ops::Remembering::new(cluster)),
     )
 }
 
@@ -183,4 +183,28 @@ async fn remove_is_refused_while_another_host_holds_the_volume() {
     let err = c.remove("pg").await.unwrap_err().to_string();
     assert!(err.contains("host-b"), "{err}");
     assert!(cluster.image("pg").is_some());
+}
+
+#[tokio::test]
+async fn a_volume_the_node_read_is_answerable_while_the_cluster_is_unreachable() {
+    use crate::ceph::ClusterOps;
+    let fake = Arc::new(FakeCluster::with(vec![fresh("rbd", "mounted")]));
+    let shared = Arc::new(crate::ceph::ops::Remembering::new(fake.clone()));
+    let c = Controller::new(
+        ControllerConfig {
+            host_id: "host-a".into(),
+            pools: vec!["rbd".into()],
+            defaults: VolumeDefaults::default(),
+            remove: RemoveSettings::default(),
+        },
+        shared.clone(),
+    );
+    // The node describes the volume at Mount (Docker's Get may not have come yet).
+    shared
+        .describe(vec!["rbd".into()], "mounted")
+        .await
+        .unwrap();
+    fake.set(|s| s.unreachable = true);
+    let info = c.get("mounted").await.unwrap();
+    assert!(info.stale.is_some());
 }
