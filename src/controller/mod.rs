@@ -18,10 +18,9 @@ use crate::ceph::ops::Remembering;
 use crate::ceph::ClusterOps;
 use crate::config::{RemovePolicy, RemoveSettings, VolumeDefaults};
 use crate::error::{Error, Result};
-use crate::node::NameLocks;
 use crate::units::format_size;
 use crate::volume::options::VolumeOptions;
-use crate::volume::{key, names, VolumeRecord};
+use crate::volume::{key, names, NameLocks, VolumeRecord};
 
 /// What the controller needs to know: the pools it serves and the policies.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ pub mod refs;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use crate::ceph::ClusterOps;
 use crate::error::{Error, Result};
 use crate::host::mapper::MapperKind;
 use crate::host::ops::HostOps;
+use crate::volume::NameLocks;
 use attach::{Attacher, Mappers};
 use refs::{ActiveVolume, RefTable};
 
@@ -56,18 +57,6 @@ pub struct Attached {
     pub container_mounts: u32,
     pub since: String,
     pub fenced: bool,
-}
-
-/// Per-volume async locks: one volume's Mount, Unmount and Remove never interleave,
-/// while different volumes proceed in parallel.
-#[derive(Default)]
-pub struct NameLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl NameLocks {
-    pub fn get(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        locks.entry(name.to_string()).or_default().clone()
-    }
 }
 
 pub struct Node {

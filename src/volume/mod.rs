@@ -9,7 +9,8 @@ pub mod fsopts;
 pub mod names;
 pub mod options;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 /// Image-meta keys rbdvol owns all start with this.
 pub const META_PREFIX: &str = "rbdvol.";
@@ -169,6 +170,18 @@ impl VolumeRecord {
     /// Created completely by rbdvol and never mapped since: known to hold only zeros.
     pub fn is_fresh(&self) -> bool {
         self.created_at.is_some() && self.first_mapped.is_none()
+    }
+}
+
+/// Per-volume async locks: one volume's Create, Remove, Mount and Unmount on this host
+/// never interleave, while different volumes proceed in parallel.
+#[derive(Default)]
+pub struct NameLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl NameLocks {
+    pub fn get(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
     }
 }
 
