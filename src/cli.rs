@@ -35,7 +35,7 @@ pub enum Command {
     Lock(LockCommand),
     /// Serve one RBD image as a file through FUSE, holding its exclusive lock. The
     /// daemon starts one of these per mapped volume (userspace mapper); not for humans.
-    Export(crate::host::exporter::ExportArgs),
+    Export(crate::export::ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]

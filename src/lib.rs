@@ -12,6 +12,11 @@
 //!   the [`host::ops::HostOps`], [`host::mapper::Mapper`] and [`ceph::ClusterOps`]
 //!   traits, chosen in `main.rs`; the one `unsafe` module is `ceph::sys`.
 //!
+//! [`export`] is a separate program sharing the binary (`rbdvol export`, the userspace
+//! mapper's per-image FUSE exporter). It uses [`ceph`] and [`config`]; the daemon
+//! reaches it only by starting it, and the two share one type, the state file in
+//! [`host::mapper::userspace::state`].
+//!
 //! [`volume`] is the shared vocabulary: the volume record spelled once, names and
 //! options. [`config`], [`error`] and [`units`] are shared by all layers.
 
@@ -22,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod error;
+pub mod export;
 pub mod failpoint;
 pub mod host;
 pub mod lock;

@@ -13,8 +13,7 @@ use rbdvol::cli::{Cli, Command, LockCommand, ServeArgs, TlsCommand};
 use rbdvol::config::Settings;
 use rbdvol::controller::{Controller, ControllerConfig};
 use rbdvol::error::Result;
-use rbdvol::host::exporter_proc::Exporters;
-use rbdvol::host::mapper::{self, MapperKind};
+use rbdvol::host::mapper::{self, Exporters, MapperKind};
 use rbdvol::host::ops::RealHost;
 use rbdvol::node::attach::Mappers;
 use rbdvol::node::{Node, NodeConfig};
@@ -260,7 +259,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::ShowConfig(args) => args.settings().map(|s| println!("{s:#?}")),
-        Command::Export(args) => rbdvol::host::exporter::run(args),
+        Command::Export(args) => rbdvol::export::run(args),
         Command::Lock(cmd) => lock_command(cmd),
         Command::Tls(TlsCommand::Init { dir, hosts, addr }) => rbdvol::certs::init(dir, hosts, addr).map(|_| {
             println!(

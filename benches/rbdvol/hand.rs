@@ -1,6 +1,6 @@
 //! Owns the "by hand" baseline of the mount path: the steps the daemon takes, run
 //! directly with nothing around them. `rbdvol export` started by us (the same argv the
-//! daemon uses, see src/host/exporter_proc.rs) and waited for through its state file,
+//! daemon uses, see src/host/mapper/userspace/exporters.rs) and waited for through its state file,
 //! `losetup --find --show`, `blkid -p`, mkfs with the daemon's own argv
 //! (`rbdvol::host::fs::mkfs_argv`) or `e2fsck -p`, and `mount`; and the reverse.
 

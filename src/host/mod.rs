@@ -1,13 +1,9 @@
 //! Effects on this host: running external commands under deadlines, mapping images to
-//! block devices (three mappers behind one trait), probing, formatting and mounting
-//! filesystems, and loop devices.
+//! block devices (three mappers behind one trait, in [`mapper`]), probing, formatting
+//! and mounting filesystems, and who uses a mount or device.
 
 pub mod command;
-pub mod exporter;
-pub mod exporter_proc;
 pub mod fs;
-pub mod kernel_map;
-pub mod loopdev;
 pub mod mapper;
 pub mod ops;
 pub mod usage;

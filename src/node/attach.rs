@@ -14,9 +14,10 @@ use crate::ceph::images::ImageFacts;
 use crate::ceph::ClusterOps;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
-use crate::host::exporter_proc::Exporters;
 use crate::host::fs::{Content, Probe};
-use crate::host::mapper::{Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace};
+use crate::host::mapper::{
+    Exporters, Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace,
+};
 use crate::host::ops::HostOps;
 use crate::volume::fsopts::{self, StoredFs};
 use crate::volume::{key, VolumeRecord};

@@ -2,9 +2,12 @@
 //! detached by the daemon. It owns the image for as long as it runs: its own RADOS client
 //! instance (so a lock break fences only this image), librbd's managed exclusive lock,
 //! and a FUSE mount exposing the image as the single file `MOUNTPOINT/image`, which the
-//! daemon attaches a loop device to.
+//! daemon attaches a loop device to. A program of its own that shares the binary: it uses
+//! the cluster layer ([`crate::ceph`], [`crate::lock`]) and nothing of the daemon's but
+//! the state file's format.
 //!
-//! Lifecycle, as the daemon sees it through the state file ([`state`]):
+//! Lifecycle, as the daemon sees it through the state file
+//! ([`ExportState`](crate::host::mapper::userspace::state::ExportState)):
 //! - `serving`: written once the FUSE file answers; the lock is held and the owner record
 //!   (`rbdvol.owner.*` metadata) is written.
 //! - `failed` + `error`: startup failed; the process exits non-zero and leaves the file.

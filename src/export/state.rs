@@ -1,62 +1,30 @@
-//! The exporter's state file: the one thing the daemon reads to learn whether a mapping
-//! is usable. Written atomically (temp file in the same directory, fsync, rename), so a
-//! reader sees either the old or the new content, never a torn one.
+//! Writing the exporter's state file: the one thing the daemon reads to learn whether a
+//! mapping is usable. Its format, [`ExportState`], is shared with the daemon's reader in
+//! [`crate::host::mapper::userspace::state`]. Written atomically (temp file in the same
+//! directory, fsync, rename), so a reader sees either the old or the new content, never
+//! a torn one.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 use crate::error::{Error, Result};
-
-/// What the exporter is doing, as the daemon sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// The FUSE file is live and backed by the image, under our exclusive lock.
-    Serving,
-    /// Ownership was lost (lock broken, client blocklisted): every I/O now fails.
-    Fenced,
-    /// Startup failed; `error` says why. The process has exited.
-    Failed,
-}
-
-/// The JSON document. Facts not known yet (client, addr, since before the cluster was
-/// reached) are left out rather than written empty.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub state: Phase,
-    pub pid: u32,
-    pub pool: String,
-    pub image: String,
-    /// The FUSE-exposed file that the daemon attaches a loop device to.
-    pub file: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub addr: Option<String>,
-    /// When the lock was taken (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
+pub use crate::host::mapper::userspace::state::{ExportState, Phase};
 
 /// The state file and the facts that go into every version of it.
 #[derive(Debug, Clone)]
 pub struct StateFile {
     path: PathBuf,
-    base: Report,
+    base: ExportState,
 }
 
 impl StateFile {
     pub fn new(path: &Path, pool: &str, image: &str, file: &Path) -> StateFile {
         StateFile {
             path: path.to_path_buf(),
-            base: Report {
-                state: Phase::Failed,
-                pid: std::process::id(),
+            base: ExportState {
+                phase: Phase::Failed,
+                pid: Some(std::process::id()),
                 pool: pool.to_string(),
                 image: image.to_string(),
                 file: file.display().to_string(),
@@ -78,15 +46,15 @@ impl StateFile {
         self.base.since = Some(since);
     }
 
-    pub fn write(&self, state: Phase, error: Option<String>) -> Result<()> {
-        let report = Report {
-            state,
+    pub fn write(&self, phase: Phase, error: Option<String>) -> Result<()> {
+        let report = ExportState {
+            phase,
             error,
             ..self.base.clone()
         };
-        let mut json = serde_json::to_vec(&report)
+        let json = report
+            .to_json()
             .map_err(|e| Error::io("encoding the state file", std::io::Error::other(e)))?;
-        json.push(b'\n');
         write_atomically(&self.path, &json)
             .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
     }
@@ -159,5 +127,33 @@ mod tests {
         sf.remove();
         assert!(!path.exists());
         sf.remove();
+    }
+
+    #[test]
+    fn the_daemon_reads_what_the_exporter_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut sf = StateFile::new(&path, "rbd", "img", Path::new("/m/image"));
+        sf.write(Phase::Failed, Some("no such image".into()))
+            .unwrap();
+        let st = ExportState::read(&path).unwrap();
+        assert_eq!(st.phase, Phase::Failed);
+        assert_eq!(st.error.as_deref(), Some("no such image"));
+        assert_eq!(st.addr, None);
+
+        sf.set_identity("client.42".into(), "127.0.0.1:0/1".into());
+        sf.set_since("2026-01-01T00:00:00Z".into());
+        for phase in [Phase::Serving, Phase::Fenced] {
+            sf.write(phase, None).unwrap();
+            let st = ExportState::read(&path).unwrap();
+            assert_eq!(st.phase, phase);
+            assert_eq!(st.pid, Some(std::process::id()));
+            assert_eq!((st.pool.as_str(), st.image.as_str()), ("rbd", "img"));
+            assert_eq!(st.file, "/m/image");
+            assert_eq!(st.client.as_deref(), Some("client.42"));
+            assert_eq!(st.addr.as_deref(), Some("127.0.0.1:0/1"));
+            assert_eq!(st.since.as_deref(), Some("2026-01-01T00:00:00Z"));
+            assert_eq!(st.error, None);
+        }
     }
 }

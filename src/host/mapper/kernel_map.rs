@@ -3,13 +3,16 @@
 //! before every unmap, and the full list from `rbd device list` for reconciling after a
 //! crash. After a reboot or a crash the device recorded for a volume may map another
 //! image, or belong to another program: it is released only if it is still ours.
+//! Also the `rbd device map|unmap` steps krbd and nbd share.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::command::run_ok;
+use super::{ensure_unused, Health, MapRequest, MapperKind, Mapping};
+use crate::config::CephSettings;
 use crate::error::{Error, Result};
+use crate::host::command::run_ok;
 
 const RBD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(90);
 
@@ -98,9 +101,71 @@ pub fn nbd_identity_from_cmdline(cmdline: &[u8], device: &Path) -> Option<Kernel
     })
 }
 
+/// Common `rbd` CLI arguments naming the cluster and user.
+pub(super) fn rbd_identity(ceph: &CephSettings) -> Vec<String> {
+    let mut a = vec![
+        "--cluster".into(),
+        ceph.cluster.clone(),
+        "--id".into(),
+        ceph.client_id.clone(),
+        "-c".into(),
+        ceph.conf.display().to_string(),
+    ];
+    if let Some(k) = &ceph.keyring {
+        a.extend(["--keyring".into(), k.display().to_string()]);
+    }
+    a
+}
+
+/// Runs `rbd device map …` and takes the device it prints.
+pub(super) async fn rbd_map(kind: MapperKind, argv: Vec<String>) -> Result<Mapping> {
+    let out = run_ok("rbd", argv, RBD_DEADLINE).await?;
+    Ok(Mapping {
+        kind,
+        device: PathBuf::from(out.stdout.trim()),
+        exporter_pid: None,
+        backing: None,
+    })
+}
+
+/// Runs `rbd device unmap …` if the device is still the mapping of this image (after
+/// a reboot, /dev/rbdN may be another image's, or another program's) and unused.
+pub(super) async fn rbd_unmap(
+    req: &MapRequest,
+    mapping: &Mapping,
+    identity: Option<KernelMapping>,
+    argv: Vec<String>,
+) -> Result<()> {
+    if !mapping.device.exists() {
+        return Ok(());
+    }
+    match identity {
+        Some(k) if k.is(&req.pool, &req.image) => {}
+        other => {
+            tracing::warn!(device = %mapping.device.display(), image = %format!("{}/{}", req.pool, req.image), now = ?other, "not unmapping: the device no longer maps this image");
+            return Ok(());
+        }
+    }
+    ensure_unused(&mapping.device, &req.mountpoint)?;
+    run_ok("rbd", argv, RBD_DEADLINE).await.map(|_| ())
+}
+
+/// A kernel-backed mapping lives as long as its device node maps this image.
+pub(super) fn device_health(
+    req: &MapRequest,
+    mapping: &Mapping,
+    identity: Option<KernelMapping>,
+) -> Health {
+    match identity {
+        Some(k) if mapping.device.exists() && k.is(&req.pool, &req.image) => Health::Serving,
+        _ => Health::Gone,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::mapper::fixtures::req;
 
     #[test]
     fn kernel_device_lists_are_read_for_both_clients() {
@@ -141,5 +206,55 @@ mod tests {
         let k = nbd_identity_from_cmdline(snap, Path::new("/dev/nbd0")).unwrap();
         assert!(!k.is("rbd", "pg-data"));
         assert!(nbd_identity_from_cmdline(b"sleep\x00100\x00", Path::new("/dev/nbd0")).is_none());
+    }
+
+    #[test]
+    fn a_device_that_maps_another_image_is_not_this_volume() {
+        // After a reboot the recorded /dev/rbdN maps another image, or nothing at all.
+        let m = Mapping {
+            kind: MapperKind::Krbd,
+            device: "/dev/null".into(),
+            exporter_pid: None,
+            backing: None,
+        };
+        let ours = KernelMapping {
+            pool: "rbd".into(),
+            image: "pg-data".into(),
+            snap: "-".into(),
+            device: "/dev/null".into(),
+        };
+        assert_eq!(
+            device_health(&req(false), &m, Some(ours.clone())),
+            Health::Serving
+        );
+        let theirs = KernelMapping {
+            image: "other".into(),
+            ..ours
+        };
+        assert_eq!(device_health(&req(false), &m, Some(theirs)), Health::Gone);
+        assert_eq!(device_health(&req(false), &m, None), Health::Gone);
+    }
+
+    #[tokio::test]
+    async fn a_device_that_maps_another_image_is_never_unmapped() {
+        // /dev/null exists; an identity for another image must stop before `rbd` runs
+        // (an `rbd` that ran would fail here: there is no such device to unmap).
+        let other = KernelMapping {
+            pool: "rbd".into(),
+            image: "someone-else".into(),
+            snap: "-".into(),
+            device: "/dev/null".into(),
+        };
+        let m = Mapping {
+            kind: MapperKind::Krbd,
+            device: "/dev/null".into(),
+            exporter_pid: None,
+            backing: None,
+        };
+        let argv = vec!["device".into(), "unmap".into(), "/dev/null".into()];
+        rbd_unmap(&req(false), &m, Some(other), argv.clone())
+            .await
+            .unwrap();
+        rbd_unmap(&req(false), &m, None, argv).await.unwrap();
     }
 }

@@ -7,33 +7,21 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
-use super::mapper::{Health, MapRequest};
+use super::loopdev;
+use super::state::{ExportState, Phase};
 use crate::config::CephSettings;
 use crate::error::{Error, Result};
-
-/// What an exporter reports in its state file.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ExporterState {
-    pub state: String,
-    #[serde(default)]
-    pub pid: Option<u32>,
-    #[serde(default)]
-    pub error: Option<String>,
-    /// The exporter's client address (what a blocklist entry names).
-    #[serde(default)]
-    pub addr: Option<String>,
-}
+use crate::host::mapper::{Health, MapRequest};
 
 /// A running exporter.
 #[derive(Debug, Clone)]
-pub struct Started {
+pub(super) struct Started {
     pub pid: u32,
     /// The image, as a file on the exporter's FUSE mount.
     pub file: PathBuf,
 }
 
+/// Where and how this host's exporters run: the userspace mapper's settings.
 #[derive(Debug, Clone)]
 pub struct Exporters {
     /// The rbdvol binary (the exporter is a subcommand of it).
@@ -60,7 +48,7 @@ impl Exporters {
         self.volume_dir(req).join("fuse")
     }
 
-    pub fn image_file(&self, req: &MapRequest) -> PathBuf {
+    pub(super) fn image_file(&self, req: &MapRequest) -> PathBuf {
         self.fuse_dir(req).join("image")
     }
 
@@ -68,9 +56,8 @@ impl Exporters {
         self.volume_dir(req).join("state.json")
     }
 
-    pub fn read_state(&self, req: &MapRequest) -> Option<ExporterState> {
-        let text = std::fs::read_to_string(self.state_file(req)).ok()?;
-        serde_json::from_str(&text).ok()
+    pub(super) fn read_state(&self, req: &MapRequest) -> Option<ExportState> {
+        ExportState::read(&self.state_file(req))
     }
 
     /// True if `pid` is a live (not zombie) exporter serving this image's state file,
@@ -95,11 +82,11 @@ impl Exporters {
 
     /// Starts an exporter for the image (or adopts one already serving it) and waits
     /// until its file is usable.
-    pub async fn start(&self, req: &MapRequest) -> Result<Started> {
+    pub(super) async fn start(&self, req: &MapRequest) -> Result<Started> {
         if let Some(st) = self.read_state(req) {
             if let Some(pid) = st
                 .pid
-                .filter(|p| st.state == "serving" && self.is_ours(req, *p))
+                .filter(|p| st.phase == Phase::Serving && self.is_ours(req, *p))
             {
                 tracing::info!(pool = %req.pool, image = %req.image, pid, "adopting a running exporter");
                 return Ok(Started {
@@ -165,15 +152,15 @@ impl Exporters {
         let deadline = Instant::now() + req.lock_wait + Duration::from_secs(20);
         loop {
             if let Some(st) = self.read_state(req) {
-                match st.state.as_str() {
-                    "serving" => {
+                match st.phase {
+                    Phase::Serving => {
                         tracing::info!(pool = %req.pool, image = %req.image, pid, "exporter serving");
                         return Ok(Started {
                             pid,
                             file: self.image_file(req),
                         });
                     }
-                    "failed" | "fenced" => {
+                    Phase::Failed | Phase::Fenced => {
                         let _ = child.wait().await;
                         let _ = std::fs::remove_file(self.state_file(req));
                         return Err(Error::Command {
@@ -181,7 +168,7 @@ impl Exporters {
                             detail: st.error.unwrap_or_else(|| self.log_tail(req)),
                         });
                     }
-                    _ => {}
+                    Phase::Unknown => {}
                 }
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -203,7 +190,7 @@ impl Exporters {
 
     /// Stops the exporter (SIGTERM, then SIGKILL after a grace period) and clears its
     /// FUSE mount and state file.
-    pub async fn stop(&self, req: &MapRequest, pid: Option<u32>) {
+    pub(super) async fn stop(&self, req: &MapRequest, pid: Option<u32>) {
         let pid = pid.or_else(|| self.read_state(req).and_then(|s| s.pid));
         if let Some(pid) = pid.filter(|p| self.is_ours(req, *p)) {
             signal(pid, nix::sys::signal::Signal::SIGTERM);
@@ -225,16 +212,16 @@ impl Exporters {
         let fuse = self.fuse_dir(req);
         // Nothing can be left on an image file whose FUSE mount is gone: the common,
         // clean case costs one read of the mount table.
-        if matches!(super::fs::mounted_at(&fuse), Ok(Some(_))) {
+        if matches!(crate::host::fs::mounted_at(&fuse), Ok(Some(_))) {
             // Loop devices first: once the FUSE mount is lazily detached, their backing
             // path no longer resolves and they could not be found any more.
-            if let Ok(devices) = super::loopdev::backing(&self.image_file(req)).await {
+            if let Ok(devices) = loopdev::backing(&self.image_file(req)).await {
                 for d in devices {
-                    let r = super::loopdev::detach(&d).await;
+                    let r = loopdev::detach(&d).await;
                     tracing::info!(device = %d.display(), result = ?r, "detached a leftover loop device");
                 }
             }
-            let r = super::command::run(
+            let r = crate::host::command::run(
                 "umount",
                 ["-l".as_ref(), fuse.as_os_str()],
                 Duration::from_secs(30),
@@ -245,18 +232,20 @@ impl Exporters {
         let _ = std::fs::remove_file(self.state_file(req));
     }
 
-    pub fn health(&self, req: &MapRequest, pid: Option<u32>) -> Health {
+    pub(super) fn health(&self, req: &MapRequest, pid: Option<u32>) -> Health {
         let st = self.read_state(req);
         let pid = pid.or_else(|| st.as_ref().and_then(|s| s.pid));
         match (st, pid) {
-            (Some(s), _) if s.state == "fenced" => Health::Fenced,
-            (Some(s), Some(p)) if s.state == "serving" && self.is_ours(req, p) => Health::Serving,
+            (Some(s), _) if s.phase == Phase::Fenced => Health::Fenced,
+            (Some(s), Some(p)) if s.phase == Phase::Serving && self.is_ours(req, p) => {
+                Health::Serving
+            }
             _ => Health::Gone,
         }
     }
 
     /// (pool, image) of every exporter directory on this host, for reconciling.
-    pub fn known(&self) -> Vec<(String, String)> {
+    pub(super) fn known(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         let Ok(pools) = std::fs::read_dir(&self.dir) else {
             return out;

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::command::{run, run_ok};
 use crate::error::{Error, Result};
+use crate::host::command::{run, run_ok};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Attaches `file` to a free loop device and returns its path.
-pub async fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
+pub(super) async fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
     let mut args: Vec<&std::ffi::OsStr> = vec!["--find".as_ref(), "--show".as_ref()];
     if read_only {
         args.push("--read-only".as_ref());
@@ -30,14 +30,17 @@ pub async fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
 }
 
 /// Detaches a loop device; one that is already gone counts as detached.
-pub async fn detach(device: &Path) -> Result<()> {
+pub(super) async fn detach(device: &Path) -> Result<()> {
     let out = run("losetup", ["-d".as_ref(), device.as_os_str()], DEADLINE).await?;
     if out.success() || out.stderr.contains("No such device") {
         return Ok(());
     }
     Err(Error::Command {
         program: "losetup".into(),
-        detail: super::command::failure_text(&format!("losetup -d {}", device.display()), &out),
+        detail: crate::host::command::failure_text(
+            &format!("losetup -d {}", device.display()),
+            &out,
+        ),
     })
 }
 
@@ -106,7 +109,7 @@ pub fn parse_identity(json: &str) -> Result<Option<String>> {
 /// The identity of the file `device` is attached to, as the kernel recorded it when it
 /// was attached: it stays the same when the file's path stops resolving, and differs
 /// for any other file attached to the device since.
-pub async fn identity(device: &Path) -> Result<Option<String>> {
+pub(super) async fn identity(device: &Path) -> Result<Option<String>> {
     let out = run(
         "losetup",
         [
@@ -126,7 +129,7 @@ pub async fn identity(device: &Path) -> Result<Option<String>> {
     parse_identity(&out.stdout)
 }
 
-pub async fn list() -> Result<Vec<(PathBuf, PathBuf)>> {
+pub(super) async fn list() -> Result<Vec<(PathBuf, PathBuf)>> {
     let out = run_ok(
         "losetup",
         ["--list", "--json", "-O", "NAME,BACK-FILE"],
@@ -137,7 +140,7 @@ pub async fn list() -> Result<Vec<(PathBuf, PathBuf)>> {
 }
 
 /// Loop devices whose backing file is `file`.
-pub async fn backing(file: &Path) -> Result<Vec<PathBuf>> {
+pub(super) async fn backing(file: &Path) -> Result<Vec<PathBuf>> {
     Ok(list()
         .await?
         .into_iter()
