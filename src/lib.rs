@@ -32,6 +32,7 @@ pub mod failpoint;
 pub mod host;
 pub mod lock;
 pub mod node;
+pub mod show_config;
 #[cfg(test)]
 pub mod testing;
 pub mod units;

@@ -255,10 +255,19 @@ fn lock_command(cmd: &LockCommand) -> Result<()> {
     Ok(())
 }
 
+/// `rbdvol show-config`: the settings in effect, as TOML, each value with its source.
+fn show_config(args: &ServeArgs) -> Result<()> {
+    use rbdvol::show_config::{render, Layers};
+    let settings = args.settings()?;
+    let layers = Layers::gather(args.config.as_deref(), args.flag_keys())?;
+    print!("{}", render(&settings, &layers)?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::ShowConfig(args) => args.settings().map(|s| println!("{s:#?}")),
+        Command::ShowConfig(args) => show_config(args),
         Command::Export(args) => rbdvol::export::run(args),
         Command::Lock(cmd) => lock_command(cmd),
         Command::Tls(TlsCommand::Init { dir, hosts, addr }) => rbdvol::certs::init(dir, hosts, addr).map(|_| {
