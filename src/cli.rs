@@ -31,6 +31,9 @@ pub enum Command {
     /// Certificates for the HTTPS (remote plugin) listener.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Check whether volumes will work on this host (cluster, kernel, tools, mount root,
+    /// Docker, ownership); prints OK, WARN or FAIL with a fix for each. Exit 1 on a FAIL.
+    Doctor(DoctorArgs),
     /// Operator commands for volume ownership across hosts.
     #[command(subcommand)]
     Lock(LockCommand),
@@ -66,6 +69,22 @@ pub enum LockCommand {
         #[command(flatten)]
         args: ServeArgs,
     },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON: {"ok": bool, "checks": [{name, status, detail, fix}]}.
+    #[arg(long)]
+    pub json: bool,
+    /// A directory dockerd discovers plugins in (repeatable; default: /run/docker/plugins,
+    /// /etc/docker/plugins and /usr/lib/docker/plugins).
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Do not run `docker plugin ls` to look for a managed plugin.
+    #[arg(long)]
+    pub no_docker_cli: bool,
+    #[command(flatten)]
+    pub args: ServeArgs,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -26,6 +26,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod doctor;
 pub mod error;
 pub mod export;
 pub mod failpoint;

@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 use rbdvol::api;
 use rbdvol::api::Backends;
 use rbdvol::ceph::{self, Cluster};
-use rbdvol::cli::{Cli, Command, LockCommand, ServeArgs, TlsCommand};
+use rbdvol::cli::{Cli, Command, DoctorArgs, LockCommand, ServeArgs, TlsCommand};
 use rbdvol::config::Settings;
 use rbdvol::controller::{Controller, ControllerConfig};
 use rbdvol::error::Result;
@@ -264,9 +264,41 @@ fn show_config(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `rbdvol doctor`: every check, as text or JSON; `Ok(false)` when one FAILed.
+fn doctor(cmd: &DoctorArgs) -> Result<bool> {
+    let settings = cmd.args.settings()?;
+    let mut opts = rbdvol::doctor::Options::default();
+    if !cmd.plugin_dirs.is_empty() {
+        opts.plugin_dirs = cmd.plugin_dirs.clone();
+    }
+    opts.docker_cli = !cmd.no_docker_cli;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| rbdvol::error::Error::io("starting the runtime", e))?;
+    let checks = rt.block_on(rbdvol::doctor::run(&settings, &opts));
+    if cmd.json {
+        println!("{}", rbdvol::doctor::render_json(&checks));
+    } else {
+        print!("{}", rbdvol::doctor::render_text(&checks));
+    }
+    Ok(!rbdvol::doctor::failed(&checks))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Doctor(cmd) = &cli.command {
+        return match doctor(cmd) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("rbdvol: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match &cli.command {
+        Command::Doctor(_) => unreachable!("handled above"),
         Command::ShowConfig(args) => show_config(args),
         Command::Export(args) => rbdvol::export::run(args),
         Command::Lock(cmd) => lock_command(cmd),
