@@ -29,6 +29,14 @@ pub struct Settings {
     pub map: MapSettings,
     pub lock: LockSettings,
     pub tls: TlsSettings,
+    pub metrics: MetricsSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address of the Prometheus `/metrics` listener, e.g. "127.0.0.1:9466"; empty: off.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,6 +193,7 @@ impl Default for Settings {
             map: MapSettings::default(),
             lock: LockSettings::default(),
             tls: TlsSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }

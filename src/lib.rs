@@ -32,6 +32,7 @@ pub mod export;
 pub mod failpoint;
 pub mod host;
 pub mod lock;
+pub mod metrics;
 pub mod node;
 pub mod show_config;
 #[cfg(test)]

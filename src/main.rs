@@ -143,6 +143,14 @@ async fn serve(args: &ServeArgs) -> Result<()> {
 
     let cluster = Arc::new(Cluster::new(ceph::connect_spec(&settings.ceph)));
     let driver = Arc::new(backends(&settings, cluster.clone())?);
+    // Before reconcile and the first connection, so their events are counted.
+    let metrics_listener = if settings.metrics.listen.is_empty() {
+        None
+    } else {
+        let node = driver.clone();
+        rbdvol::metrics::install(move || node.node.stats());
+        Some(rbdvol::metrics::bind(&settings.metrics.listen).await?)
+    };
     tracing::info!(mapper = driver.node.mapper().name(), "data path");
     // Before answering Docker: adopt or release what a crash or restart left behind.
     driver.node.reconcile().await;
@@ -203,6 +211,9 @@ async fn serve(args: &ServeArgs) -> Result<()> {
             stopped(),
         )))
     };
+    if let Some(tcp) = metrics_listener {
+        tokio::spawn(rbdvol::metrics::serve(tcp, stopped()));
+    }
     tracing::info!(socket = %settings.socket.display(), "serving");
     let unix_server = tokio::spawn(api::serve(listener, driver, stopped()));
     shutdown_signal().await;
