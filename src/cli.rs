@@ -25,11 +25,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the plugin daemon: serve Docker's volume plugin protocol on a unix socket.
     Serve(ServeArgs),
-    /// Print the configuration in effect (defaults < file < RBDVOL_* environment < flags).
+    /// Print the configuration in effect as TOML `serve --config` accepts, each value
+    /// commented with where it came from (default < file < RBDVOL_* environment < flag).
     ShowConfig(ServeArgs),
     /// Certificates for the HTTPS (remote plugin) listener.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Check whether volumes will work on this host (cluster, kernel, tools, mount root,
+    /// Docker, ownership); prints OK, WARN or FAIL with a fix for each. Exit 1 on a FAIL.
+    Doctor(DoctorArgs),
     /// Operator commands for volume ownership across hosts.
     #[command(subcommand)]
     Lock(LockCommand),
@@ -65,6 +69,22 @@ pub enum LockCommand {
         #[command(flatten)]
         args: ServeArgs,
     },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON: {"ok": bool, "checks": [{name, status, detail, fix}]}.
+    #[arg(long)]
+    pub json: bool,
+    /// A directory dockerd discovers plugins in (repeatable; default: /run/docker/plugins,
+    /// /etc/docker/plugins and /usr/lib/docker/plugins).
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Do not run `docker plugin ls` to look for a managed plugin.
+    #[arg(long)]
+    pub no_docker_cli: bool,
+    #[command(flatten)]
+    pub args: ServeArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -114,6 +134,30 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The settings these flags set, as (dotted key, flag) pairs, for `show-config`.
+    pub fn flag_keys(&self) -> Vec<(&'static str, &'static str)> {
+        let mut keys = Vec::new();
+        let mut add = |set: bool, key, flag| {
+            if set {
+                keys.push((key, flag));
+            }
+        };
+        add(self.socket.is_some(), "socket", "--socket");
+        add(self.ceph_conf.is_some(), "ceph.conf", "--ceph-conf");
+        add(self.keyring.is_some(), "ceph.keyring", "--keyring");
+        add(self.client_id.is_some(), "ceph.client_id", "--client-id");
+        add(self.cluster.is_some(), "ceph.cluster", "--cluster");
+        add(!self.pools.is_empty(), "ceph.pools", "--pool");
+        add(self.host_id.is_some(), "host_id", "--host-id");
+        add(self.state_dir.is_some(), "state_dir", "--state-dir");
+        add(self.mount_root.is_some(), "mount_root", "--mount-root");
+        add(self.tls_listen.is_some(), "tls.listen", "--tls-listen");
+        add(self.mapper.is_some(), "map.mapper", "--mapper");
+        add(self.log_level.is_some(), "log.level", "--log-level");
+        add(self.log_format.is_some(), "log.format", "--log-format");
+        keys
+    }
+
     /// Loads the configuration and applies these flags on top.
     pub fn settings(&self) -> Result<Arc<Settings>> {
         let mut s = Settings::load(self.config.as_deref())?;

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/rbdvol/rbdvol.toml";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Unix socket dockerd finds the plugin by (`NAME.sock` in /run/docker/plugins).
@@ -29,9 +29,17 @@ pub struct Settings {
     pub map: MapSettings,
     pub lock: LockSettings,
     pub tls: TlsSettings,
+    pub metrics: MetricsSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address of the Prometheus `/metrics` listener, e.g. "127.0.0.1:9466"; empty: off.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     /// A tracing filter, e.g. "info" or "rbdvol=debug".
@@ -40,7 +48,7 @@ pub struct LogSettings {
     pub format: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CephSettings {
     pub conf: PathBuf,
@@ -59,7 +67,7 @@ pub struct CephSettings {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VolumeDefaults {
     pub size: String,
@@ -69,7 +77,7 @@ pub struct VolumeDefaults {
     pub mount_options: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MapSettings {
     /// "auto" (krbd if the kernel has it, else nbd, else userspace), "krbd", "nbd" or
@@ -83,7 +91,7 @@ pub struct MapSettings {
     pub orphan_grace: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LockSettings {
     /// How long a Mount waits for another host to release the volume or be declared
@@ -97,7 +105,7 @@ pub struct LockSettings {
     pub fence_expiry: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSettings {
     /// Address of the HTTPS listener (e.g. "0.0.0.0:7443"); empty: none.
@@ -151,7 +159,7 @@ impl Default for LockSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RemovePolicy {
     /// Move the image to the RBD trash (recoverable with `rbd trash restore`).
@@ -162,7 +170,7 @@ pub enum RemovePolicy {
     Keep,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RemoveSettings {
     pub policy: RemovePolicy,
@@ -185,6 +193,7 @@ impl Default for Settings {
             map: MapSettings::default(),
             lock: LockSettings::default(),
             tls: TlsSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }

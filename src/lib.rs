@@ -26,12 +26,15 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod doctor;
 pub mod error;
 pub mod export;
 pub mod failpoint;
 pub mod host;
 pub mod lock;
+pub mod metrics;
 pub mod node;
+pub mod show_config;
 #[cfg(test)]
 pub mod testing;
 pub mod units;

@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 use rbdvol::api;
 use rbdvol::api::Backends;
 use rbdvol::ceph::{self, Cluster};
-use rbdvol::cli::{Cli, Command, LockCommand, ServeArgs, TlsCommand};
+use rbdvol::cli::{Cli, Command, DoctorArgs, LockCommand, ServeArgs, TlsCommand};
 use rbdvol::config::Settings;
 use rbdvol::controller::{Controller, ControllerConfig};
 use rbdvol::error::Result;
@@ -143,6 +143,14 @@ async fn serve(args: &ServeArgs) -> Result<()> {
 
     let cluster = Arc::new(Cluster::new(ceph::connect_spec(&settings.ceph)));
     let driver = Arc::new(backends(&settings, cluster.clone())?);
+    // Before reconcile and the first connection, so their events are counted.
+    let metrics_listener = if settings.metrics.listen.is_empty() {
+        None
+    } else {
+        let node = driver.clone();
+        rbdvol::metrics::install(move || node.node.stats());
+        Some(rbdvol::metrics::bind(&settings.metrics.listen).await?)
+    };
     tracing::info!(mapper = driver.node.mapper().name(), "data path");
     // Before answering Docker: adopt or release what a crash or restart left behind.
     driver.node.reconcile().await;
@@ -203,6 +211,9 @@ async fn serve(args: &ServeArgs) -> Result<()> {
             stopped(),
         )))
     };
+    if let Some(tcp) = metrics_listener {
+        tokio::spawn(rbdvol::metrics::serve(tcp, stopped()));
+    }
     tracing::info!(socket = %settings.socket.display(), "serving");
     let unix_server = tokio::spawn(api::serve(listener, driver, stopped()));
     shutdown_signal().await;
@@ -255,10 +266,51 @@ fn lock_command(cmd: &LockCommand) -> Result<()> {
     Ok(())
 }
 
+/// `rbdvol show-config`: the settings in effect, as TOML, each value with its source.
+fn show_config(args: &ServeArgs) -> Result<()> {
+    use rbdvol::show_config::{render, Layers};
+    let settings = args.settings()?;
+    let layers = Layers::gather(args.config.as_deref(), args.flag_keys())?;
+    print!("{}", render(&settings, &layers)?);
+    Ok(())
+}
+
+/// `rbdvol doctor`: every check, as text or JSON; `Ok(false)` when one FAILed.
+fn doctor(cmd: &DoctorArgs) -> Result<bool> {
+    let settings = cmd.args.settings()?;
+    let mut opts = rbdvol::doctor::Options::default();
+    if !cmd.plugin_dirs.is_empty() {
+        opts.plugin_dirs = cmd.plugin_dirs.clone();
+    }
+    opts.docker_cli = !cmd.no_docker_cli;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| rbdvol::error::Error::io("starting the runtime", e))?;
+    let checks = rt.block_on(rbdvol::doctor::run(&settings, &opts));
+    if cmd.json {
+        println!("{}", rbdvol::doctor::render_json(&checks));
+    } else {
+        print!("{}", rbdvol::doctor::render_text(&checks));
+    }
+    Ok(!rbdvol::doctor::failed(&checks))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Doctor(cmd) = &cli.command {
+        return match doctor(cmd) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("rbdvol: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match &cli.command {
-        Command::ShowConfig(args) => args.settings().map(|s| println!("{s:#?}")),
+        Command::Doctor(_) => unreachable!("handled above"),
+        Command::ShowConfig(args) => show_config(args),
         Command::Export(args) => rbdvol::export::run(args),
         Command::Lock(cmd) => lock_command(cmd),
         Command::Tls(TlsCommand::Init { dir, hosts, addr }) => rbdvol::certs::init(dir, hosts, addr).map(|_| {

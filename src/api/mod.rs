@@ -161,7 +161,14 @@ async fn handle(
     async move {
         let started = std::time::Instant::now();
         let reply = answer(driver, req, &path).await;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed_ms = elapsed * 1000.0;
+        let outcome = match &reply {
+            Reply::Json(_, v) if v.get("Err").is_some() => "error",
+            Reply::Json(..) => "ok",
+            Reply::Abort => "aborted",
+        };
+        crate::metrics::request(&path, outcome, elapsed);
         match reply {
             Reply::Json(status, value) => {
                 tracing::debug!(status = status.as_u16(), elapsed_ms, "answered");

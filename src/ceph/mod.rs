@@ -83,7 +83,10 @@ impl Cluster {
         }
         let spec = self.spec.clone();
         let attempt = tokio::task::spawn_blocking(move || Rados::connect(&spec));
-        let rados = match tokio::time::timeout(deadline, attempt).await {
+        let result = tokio::time::timeout(deadline, attempt).await;
+        let ok = matches!(result, Ok(Ok(Ok(_))));
+        crate::metrics::ceph_connection(if ok { "connected" } else { "failed" });
+        let rados = match result {
             Err(_) => {
                 return Err(Error::Timeout {
                     op: "connecting to the ceph cluster".into(),
@@ -114,6 +117,7 @@ impl Cluster {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, rados)) {
             tracing::warn!("retiring the ceph connection; the next call reconnects");
+            crate::metrics::ceph_connection("retired");
             *slot = None;
         }
     }

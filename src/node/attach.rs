@@ -344,9 +344,11 @@ impl Attacher {
     async fn forget_fenced_client(&self, name: &str, addr: String) {
         match self.cluster.unblocklist(&addr).await {
             Ok(()) => {
+                crate::metrics::event("blocklist_cleanup");
                 tracing::info!(volume = name, client = %addr, "removed this host's exited, fenced client from the blocklist")
             }
             Err(e) => {
+                crate::metrics::event("blocklist_cleanup_failed");
                 tracing::warn!(volume = name, client = %addr, error = %e, "could not remove a stale blocklist entry; it expires by itself")
             }
         }

@@ -152,6 +152,20 @@ impl Node {
         })
     }
 
+    /// What is mounted here, for the metrics endpoint.
+    pub fn stats(&self) -> crate::metrics::Snapshot {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let count = |f: &dyn Fn(&refs::ActiveVolume) -> bool| {
+            t.volumes.values().filter(|v| f(v)).count() as i64
+        };
+        crate::metrics::Snapshot {
+            volumes: t.volumes.len() as i64,
+            references: t.volumes.values().map(|v| i64::from(v.total_refs())).sum(),
+            exporters: count(&|v| v.mapping.exporter_pid.is_some()),
+            fenced: count(&|v| v.fenced),
+        }
+    }
+
     /// Mount points of every volume mounted here, by name.
     pub fn mountpoints(&self) -> BTreeMap<String, PathBuf> {
         let t = self.table.lock().unwrap_or_else(|e| e.into_inner());

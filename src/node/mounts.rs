@@ -56,6 +56,7 @@ impl Node {
     }
 
     fn mark_fenced(&self, name: &str) {
+        crate::metrics::event("fenced");
         let r = self.update_table(|vols| {
             if let Some(rec) = vols.get_mut(name) {
                 rec.fenced = true;
@@ -162,6 +163,7 @@ impl Node {
             return e;
         }
         tracing::warn!(volume = name, error = %e, "mount refused: the volume is held elsewhere");
+        crate::metrics::event("mount_refused");
         Error::HeldElsewhere(crate::lock::in_use_message(name, &owners, waited))
     }
 

@@ -96,6 +96,7 @@ impl Node {
                     tracing::error!(volume = name, error = %e, "could not release an orphaned volume; retrying later");
                     return false;
                 }
+                crate::metrics::event("orphan_released");
                 if let Err(e) = self.update_table(|vols| vols.remove(name)) {
                     tracing::error!(volume = name, error = %e, "released an orphaned volume but could not update the reference table");
                 }

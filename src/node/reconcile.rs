@@ -95,9 +95,11 @@ impl Attacher {
             let health = self.health(&name, &v).await;
             match health {
                 Health::Serving if v.total_refs() > 0 => {
+                    crate::metrics::reconcile("adopted");
                     tracing::info!(volume = %name, refs = v.total_refs(), mountpoint = %v.mountpoint.display(), "reconcile: adopted a mounted volume");
                 }
                 Health::Fenced if v.total_refs() > 0 => {
+                    crate::metrics::reconcile("fenced");
                     tracing::error!(volume = %name, "reconcile: volume is fenced on this host (another host owns it); refusing new mounts until its last unmount");
                     if let Some(rec) = table.volumes.get_mut(&name) {
                         rec.fenced = true;
@@ -107,9 +109,11 @@ impl Attacher {
                     tracing::warn!(volume = %name, health = ?health, refs = v.total_refs(), "reconcile: releasing a volume that is no longer consistently mounted");
                     // A device still in use is an error here: the record stays.
                     if let Err(e) = self.detach(&name, &v).await {
+                        crate::metrics::reconcile("release_failed");
                         tracing::error!(volume = %name, error = %e, "reconcile: cannot release; keeping the record");
                         continue;
                     }
+                    crate::metrics::reconcile("released");
                     table.volumes.remove(&name);
                 }
             }
@@ -141,10 +145,12 @@ impl Attacher {
                 }
                 let uses = self.host.uses(m);
                 if !uses.is_empty() {
+                    crate::metrics::reconcile("untracked_in_use");
                     tracing::error!(mountpoint = %m.target.display(), uses = ?uses, "reconcile: an untracked mount is in use; leaving it");
                     continue;
                 }
                 let r = self.host.umount(&m.target).await;
+                crate::metrics::reconcile("untracked_unmounted");
                 tracing::warn!(mountpoint = %m.target.display(), result = ?r, "reconcile: unmounted an untracked mount");
             }
         }
@@ -167,6 +173,7 @@ impl Attacher {
                 };
                 match mapper.unmap(&req, &unused).await {
                     Ok(()) => {
+                        crate::metrics::reconcile("mapping_released");
                         tracing::warn!(pool = %pool, image = %image, mapper = kind.name(), "reconcile: released an unrecorded mapping")
                     }
                     Err(e) => {
