@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::{Error, Result};
+use crate::host::mapper::userspace::state::IoStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -31,13 +32,20 @@ struct Kind {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Volume {
+    volume: String,
+}
+
 /// What the node has mounted right now, read at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub volumes: i64,
     pub references: i64,
     pub exporters: i64,
     pub fenced: i64,
+    /// Each userspace-mapped volume's exporter counters ("pool/name").
+    pub io: Vec<(String, IoStats)>,
 }
 
 type SnapshotFn = Arc<dyn Fn() -> Snapshot + Send + Sync>;
@@ -54,6 +62,8 @@ struct Metrics {
     references: Gauge,
     exporters: Gauge,
     fenced: Gauge,
+    /// Per volume: read bytes, written bytes, read errors, write errors.
+    io: [Family<Volume, Gauge>; 4],
     snapshot: OnceLock<SnapshotFn>,
 }
 
@@ -119,8 +129,30 @@ fn new_metrics() -> Metrics {
         "Volumes mounted here whose lock this host has lost",
         fenced.clone(),
     );
+    let io: [Family<Volume, Gauge>; 4] = Default::default();
+    for (family, (name, help)) in io.iter().zip([
+        (
+            "exporter_read_bytes",
+            "Bytes this volume's exporter has read from the image since it started",
+        ),
+        (
+            "exporter_written_bytes",
+            "Bytes this volume's exporter has written to the image since it started",
+        ),
+        (
+            "exporter_read_errors",
+            "Reads this volume's exporter failed (EIO to the kernel) since it started",
+        ),
+        (
+            "exporter_write_errors",
+            "Writes this volume's exporter failed (EIO to the kernel) since it started",
+        ),
+    ]) {
+        registry.register(name, help, family.clone());
+    }
     Metrics {
         registry,
+        io,
         requests,
         latency,
         events,
@@ -196,6 +228,26 @@ pub fn render() -> Option<String> {
         m.references.set(s.references);
         m.exporters.set(s.exporters);
         m.fenced.set(s.fenced);
+        // Volumes no longer mounted here drop out of the exposition.
+        for family in &m.io {
+            family.clear();
+        }
+        for (volume, io) in &s.io {
+            let l = Volume {
+                volume: volume.clone(),
+            };
+            let values = [
+                io.read_bytes,
+                io.write_bytes,
+                io.read_errors,
+                io.write_errors,
+            ];
+            for (family, v) in m.io.iter().zip(values) {
+                family
+                    .get_or_create(&l)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
     }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &m.registry).ok()?;
@@ -261,6 +313,15 @@ mod tests {
             references: 3,
             exporters: 1,
             fenced: 0,
+            io: vec![(
+                "rbd/pg".into(),
+                IoStats {
+                    read_bytes: 512,
+                    write_bytes: 4096,
+                    read_errors: 0,
+                    write_errors: 1,
+                },
+            )],
         });
         request("/VolumeDriver.Mount", "ok", 0.02);
         request("/nonsense", "error", 0.001);
@@ -277,6 +338,8 @@ mod tests {
             "rbdvol_ceph_connected 1",
             "rbdvol_mounted_volumes 2",
             "rbdvol_volume_references 3",
+            "rbdvol_exporter_written_bytes{volume=\"rbd/pg\"} 4096",
+            "rbdvol_exporter_write_errors{volume=\"rbd/pg\"} 1",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");

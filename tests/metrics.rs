@@ -68,7 +68,23 @@ fn real_events_move_the_numbers() {
     );
 
     a.create(&name, r#"{"size":"64M"}"#);
-    a.mount(&name, &mount_id(1));
+    let mp = a.mount(&name, &mount_id(1));
+    // A container writes 1 MiB and syncs it: the exporter counts what reached the image.
+    let f = std::fs::File::create(mp.join("blob")).unwrap();
+    (&f).write_all(&vec![7u8; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let series = format!("rbdvol_exporter_written_bytes{{volume=\"rbd/{name}\"}}");
+    let started = Instant::now();
+    loop {
+        // The exporter writes its counters every second.
+        let text = scrape(port);
+        if text.contains(&series) && value(&text, &series) >= (1 << 20) as f64 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{text}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     a.err(
         "VolumeDriver.Mount",
         r#"{"Name":"metrics-no-such-volume","ID":"x"}"#,

@@ -62,6 +62,7 @@ pub struct Backend {
     /// Since when librbd has said "not the owner" without anything confirming a loss,
     /// and whether that was already reported as lasting.
     unconfirmed: Mutex<Option<(Instant, bool)>>,
+    pub io: super::iostats::IoCounters,
 }
 
 /// A "not the owner" state lasting this long without confirmation is logged as a warning.
@@ -103,6 +104,7 @@ impl Backend {
             size: AtomicU64::new(size),
             label,
             events,
+            io: Default::default(),
         }
     }
 
@@ -196,6 +198,7 @@ impl Backend {
     /// the lock is gone: ESHUTDOWN is a blocklisted client; EROFS on a write means the
     /// managed lock is not ours at this moment, which is fencing only if confirmed.
     fn failed(&self, op: &Op<'_>, what: &str, err: sys::Errno, write: bool) -> Errno {
+        self.io.failed(write);
         if err.0 == libc::ESHUTDOWN {
             self.fence(&format!("{what}: {}", err.describe()));
         } else if write && err.0 == libc::EROFS {
@@ -421,7 +424,10 @@ impl Filesystem for ImageFs {
         let len = u64::from(size).min(end - offset) as usize;
         let mut buf = vec![0u8; len];
         match op.image.read(offset, &mut buf) {
-            Ok(n) => reply.data(&buf[..n.min(len)]),
+            Ok(n) => {
+                self.backend.io.done(false, n.min(len));
+                reply.data(&buf[..n.min(len)])
+            }
             Err(e) => reply.error(self.backend.failed(&op, "read", e, false)),
         }
     }
@@ -457,7 +463,10 @@ impl Filesystem for ImageFs {
         }
         let len = (data.len() as u64).min(end - offset) as usize;
         match op.image.write(offset, &data[..len]) {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                self.backend.io.done(true, n);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(self.backend.failed(&op, "write", e, true)),
         }
     }

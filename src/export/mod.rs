@@ -19,6 +19,7 @@
 
 mod fs;
 mod harden;
+mod iostats;
 mod lock;
 mod ownership;
 mod serve;

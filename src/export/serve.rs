@@ -134,12 +134,15 @@ impl Owned {
             return Err(Error::io("starting the FUSE session", e));
         }
         let watched = backend.clone();
+        let io_file = super::iostats::IoStatsFile::beside(&args.state_file);
         if let Err(e) = std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
                 while watched.check() {
+                    io_file.write(watched.io.snapshot());
                     std::thread::sleep(WATCHDOG_PERIOD);
                 }
+                io_file.write(watched.io.snapshot());
             })
         {
             return Err(Error::io("starting the watchdog", e));

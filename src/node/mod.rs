@@ -154,15 +154,31 @@ impl Node {
 
     /// What is mounted here, for the metrics endpoint.
     pub fn stats(&self) -> crate::metrics::Snapshot {
-        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let count = |f: &dyn Fn(&refs::ActiveVolume) -> bool| {
-            t.volumes.values().filter(|v| f(v)).count() as i64
+        let volumes = {
+            let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            t.volumes.clone()
         };
+        let count = |f: &dyn Fn(&refs::ActiveVolume) -> bool| {
+            volumes.values().filter(|v| f(v)).count() as i64
+        };
+        let io = volumes
+            .iter()
+            .filter_map(|(name, v)| {
+                let req = self.attacher.request_for(name, v);
+                let stats = self
+                    .attacher
+                    .mappers
+                    .get(v.mapping.kind)
+                    .io_stats(&req, &v.mapping)?;
+                Some((format!("{}/{name}", v.pool), stats))
+            })
+            .collect();
         crate::metrics::Snapshot {
-            volumes: t.volumes.len() as i64,
-            references: t.volumes.values().map(|v| i64::from(v.total_refs())).sum(),
+            volumes: volumes.len() as i64,
+            references: volumes.values().map(|v| i64::from(v.total_refs())).sum(),
             exporters: count(&|v| v.mapping.exporter_pid.is_some()),
             fenced: count(&|v| v.fenced),
+            io,
         }
     }
 

@@ -106,6 +106,11 @@ pub trait Mapper: Send + Sync {
     }
     /// The client address of a mapping that was fenced or has died, if it is about to be
     /// released: its blocklist entry then protects nothing.
+    /// I/O done through the mapping, where the mapper counts it (the userspace
+    /// exporter does; the kernel's clients are measured by the kernel's own tools).
+    fn io_stats(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<userspace::state::IoStats> {
+        None
+    }
     fn fenced_client(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
         None
     }

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::loopdev;
-use super::state::{ExportState, Phase};
+use super::state::{ExportState, IoStats, Phase};
 use crate::config::CephSettings;
 use crate::error::{Error, Result};
 use crate::host::mapper::{Health, MapRequest};
@@ -230,6 +230,12 @@ impl Exporters {
             tracing::info!(dir = %fuse.display(), result = ?r.map(|o| o.code), "lazily unmounted a leftover exporter mount");
         }
         let _ = std::fs::remove_file(self.state_file(req));
+        let _ = std::fs::remove_file(IoStats::path_for(&self.state_file(req)));
+    }
+
+    /// The exporter's I/O counters, as it last wrote them.
+    pub(super) fn io_stats(&self, req: &MapRequest) -> Option<IoStats> {
+        IoStats::read(&IoStats::path_for(&self.state_file(req)))
     }
 
     pub(super) fn health(&self, req: &MapRequest, pid: Option<u32>) -> Health {

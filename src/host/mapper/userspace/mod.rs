@@ -88,6 +88,10 @@ impl Mapper for Userspace {
         self.exporters.known()
     }
 
+    fn io_stats(&self, req: &MapRequest, _mapping: &Mapping) -> Option<state::IoStats> {
+        self.exporters.io_stats(req)
+    }
+
     fn fenced_client(&self, req: &MapRequest, mapping: &Mapping) -> Option<String> {
         let serving = self.exporters.health(req, mapping.exporter_pid) == Health::Serving;
         self.exporters

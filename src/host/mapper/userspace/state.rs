@@ -53,6 +53,27 @@ pub struct ExportState {
     pub error: Option<String>,
 }
 
+/// What an exporter has done since it started, written next to its state file
+/// (`io.json`) every watchdog period, for the daemon's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoStats {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_errors: u64,
+    pub write_errors: u64,
+}
+
+impl IoStats {
+    /// The stats file that belongs to a state file.
+    pub fn path_for(state_file: &Path) -> std::path::PathBuf {
+        state_file.with_file_name("io.json")
+    }
+
+    pub fn read(path: &Path) -> Option<IoStats> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+}
+
 impl ExportState {
     /// The file's bytes: one JSON line.
     pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
