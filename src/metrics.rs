@@ -62,6 +62,7 @@ struct Metrics {
     references: Gauge,
     exporters: Gauge,
     fenced: Gauge,
+    lock_wait: Histogram,
     /// Per volume: read bytes, written bytes, read errors, write errors.
     io: [Family<Volume, Gauge>; 4],
     snapshot: OnceLock<SnapshotFn>,
@@ -88,7 +89,7 @@ fn new_metrics() -> Metrics {
     let events = Family::<Kind, Counter>::default();
     registry.register(
         "lock_events",
-        "Ownership events on this host: mount_refused (the lock wait ran out: held elsewhere), fenced (this host lost a volume), blocklist_cleanup / blocklist_cleanup_failed (this host's exited, fenced client removed from the blocklist), orphan_released",
+        "Ownership events on this host: takeover (a dead owner declared dead, fenced and its lock taken), mount_refused (the lock wait ran out: held elsewhere), fenced (this host lost a volume), blocklist_cleanup / blocklist_cleanup_failed (this host's exited, fenced client removed from the blocklist), orphan_released",
         events.clone(),
     );
     let reconcile = Family::<Kind, Counter>::default();
@@ -129,6 +130,12 @@ fn new_metrics() -> Metrics {
         "Volumes mounted here whose lock this host has lost",
         fenced.clone(),
     );
+    let lock_wait = Histogram::new(exponential_buckets(0.01, 3.0, 10));
+    registry.register(
+        "lock_wait_seconds",
+        "How long a new mapping on this host waited for the volume's exclusive lock (a takeover waits for the dead owner's watch to expire)",
+        lock_wait.clone(),
+    );
     let io: [Family<Volume, Gauge>; 4] = Default::default();
     for (family, (name, help)) in io.iter().zip([
         (
@@ -153,6 +160,7 @@ fn new_metrics() -> Metrics {
     Metrics {
         registry,
         io,
+        lock_wait,
         requests,
         latency,
         events,
@@ -199,6 +207,17 @@ pub fn request(endpoint: &str, outcome: &str, seconds: f64) {
 pub fn event(k: &str) {
     if let Some(m) = METRICS.get() {
         m.events.get_or_create(&kind(k)).inc();
+    }
+}
+
+/// A mapping took the volume's lock after `waited_s`; `took_over` when it first
+/// declared a dead owner dead and fenced it (counted as `lock_events{kind="takeover"}`).
+pub fn lock_taken(waited_s: f64, took_over: bool) {
+    if let Some(m) = METRICS.get() {
+        m.lock_wait.observe(waited_s);
+        if took_over {
+            m.events.get_or_create(&kind("takeover")).inc();
+        }
     }
 }
 

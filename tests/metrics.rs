@@ -150,3 +150,41 @@ fn real_events_move_the_numbers() {
     );
     a.ok("VolumeDriver.Remove", &format!(r#"{{"Name":"{name}"}}"#));
 }
+
+/// A dead host's volume taken over: the new host counts a takeover and the lock wait
+/// (about the cluster's 5 s watch timeout here).
+#[test]
+fn a_takeover_and_its_lock_wait_are_counted() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let a = Daemon::start(DaemonOpts::host("host-a"));
+    let b = Daemon::start(
+        DaemonOpts::host("host-b")
+            .env("RBDVOL_LOCK__TAKEOVER_WAIT", "30s")
+            .env("RBDVOL_METRICS__LISTEN", &listen),
+    );
+    let name = unique("metrics-takeover");
+    a.create(&name, r#"{"size":"64M"}"#);
+    a.mount(&name, &mount_id(1));
+    // Host A dies: its exporter (the lock holder) is killed outright.
+    let pid = a.exporter_state(&name)["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    b.mount(&name, &mount_id(2));
+    let text = scrape(port);
+    assert_eq!(
+        value(&text, "rbdvol_lock_events_total{kind=\"takeover\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "rbdvol_lock_wait_seconds_count"),
+        1.0,
+        "{text}"
+    );
+    assert!(value(&text, "rbdvol_lock_wait_seconds_sum") > 1.0, "{text}");
+    b.unmount(&name, &mount_id(2));
+}

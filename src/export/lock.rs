@@ -70,13 +70,14 @@ pub fn acquire(
     wait: Duration,
     tx: &Sender<Event>,
     rx: &Receiver<Event>,
-) -> std::result::Result<(), Failure> {
+) -> std::result::Result<Acquired, Failure> {
     let (image, label) = (take.image, take.label);
     // Even --lock-wait 0 lets a free lock's immediate answer arrive.
     let wait = wait.max(Duration::from_millis(500));
     let started = Instant::now();
     let deadline = started + wait;
     let mut said_waiting = false;
+    let mut broke = Vec::new();
     loop {
         // Live from the image header: the handle's lock list (`lockers`) is a cache
         // that a break by this very client does not refresh.
@@ -89,7 +90,7 @@ pub fn acquire(
         if holders.is_empty() {
             // False: someone else took it between the look and the attempt.
             if attempt(image, label, deadline, tx, rx)? {
-                return taken(started, label);
+                return Ok(taken(started, label, broke));
             }
         } else {
             let watchers = image
@@ -104,7 +105,8 @@ pub fn acquire(
                 crate::lock::fence_owner(take.rados, addr, take.fence_expiry);
                 match image.lock_break(addr) {
                     Ok(()) => {
-                        tracing::info!(image = %label, owner = %addr, "broke the dead owner's lock")
+                        tracing::info!(image = %label, owner = %addr, "broke the dead owner's lock");
+                        broke.push(addr.to_string());
                     }
                     // Released or changed hands meanwhile: look again.
                     Err(e) if e.0 == libc::ENOENT || e.0 == libc::EBUSY => {}
@@ -217,9 +219,19 @@ fn stopped_while_waiting(sig: impl std::fmt::Display, label: &str, blocked: bool
     }
 }
 
-fn taken(started: Instant, label: &str) -> std::result::Result<(), Failure> {
-    tracing::info!(image = %label, waited_ms = started.elapsed().as_millis() as u64, "exclusive lock acquired");
-    Ok(())
+/// How the lock was taken: after how long, and from which dead owners.
+#[derive(Debug, Clone, Default)]
+pub struct Acquired {
+    pub waited: Duration,
+    pub took_over_from: Vec<String>,
+}
+
+fn taken(started: Instant, label: &str, broke: Vec<String>) -> Acquired {
+    tracing::info!(image = %label, waited_ms = started.elapsed().as_millis() as u64, took_over_from = ?broke, "exclusive lock acquired");
+    Acquired {
+        waited: started.elapsed(),
+        took_over_from: broke,
+    }
 }
 
 /// `client.N at ADDR`: the name comes from the handle's lock list (a cache), the

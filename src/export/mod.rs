@@ -277,7 +277,8 @@ fn start(
         ours: &addr,
         fence_expiry: args.fence_expiry,
     };
-    lock::acquire(&taking, Duration::from_secs(args.lock_wait), tx, rx)?;
+    let acquired = lock::acquire(&taking, Duration::from_secs(args.lock_wait), tx, rx)?;
+    state.set_lock(acquired.waited, acquired.took_over_from);
     // From here on the lock is ours: every failure path releases it.
     let owned = Owned {
         rados,

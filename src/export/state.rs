@@ -32,6 +32,8 @@ impl StateFile {
                 addr: None,
                 since: None,
                 error: None,
+                lock_wait_ms: None,
+                took_over_from: Vec::new(),
             },
         }
     }
@@ -44,6 +46,12 @@ impl StateFile {
 
     pub fn set_since(&mut self, since: String) {
         self.base.since = Some(since);
+    }
+
+    /// How the lock was taken, for the daemon's metrics.
+    pub fn set_lock(&mut self, waited: std::time::Duration, took_over_from: Vec<String>) {
+        self.base.lock_wait_ms = Some(waited.as_millis() as u64);
+        self.base.took_over_from = took_over_from;
     }
 
     pub fn write(&self, phase: Phase, error: Option<String>) -> Result<()> {

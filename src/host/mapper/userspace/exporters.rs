@@ -155,6 +155,10 @@ impl Exporters {
                 match st.phase {
                     Phase::Serving => {
                         tracing::info!(pool = %req.pool, image = %req.image, pid, "exporter serving");
+                        crate::metrics::lock_taken(
+                            st.lock_wait_ms.unwrap_or(0) as f64 / 1000.0,
+                            !st.took_over_from.is_empty(),
+                        );
                         return Ok(Started {
                             pid,
                             file: self.image_file(req),

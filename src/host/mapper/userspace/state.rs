@@ -51,6 +51,12 @@ pub struct ExportState {
     pub since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How long the exporter waited for the exclusive lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_wait_ms: Option<u64>,
+    /// The dead owners it declared dead, fenced and took the lock from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub took_over_from: Vec<String>,
 }
 
 /// What an exporter has done since it started, written next to its state file
@@ -107,6 +113,8 @@ mod tests {
             addr: Some("10.0.0.1:0/123".into()),
             since: Some("2026-01-01T00:00:00Z".into()),
             error: None,
+            lock_wait_ms: None,
+            took_over_from: Vec::new(),
         }
     }
 
