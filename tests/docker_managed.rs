@@ -38,7 +38,7 @@ fn managed_processes(id: &str) -> Vec<String> {
 }
 
 /// The managed (v2) plugin, built without a registry by integration/build-managed-plugin
-/// and enabled in this dockerd: create/ls/inspect, data across containers, two
+/// and enabled in a private Docker node's dockerd: create/ls/inspect, data across containers, two
 /// containers at once, docker cp, rm into the trash; Mount's in-plugin path reaches
 /// the host through the propagated mount; disable and rm leave nothing behind.
 #[test]

@@ -136,6 +136,10 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        // The last node on this network removes the directory (fails while others hold).
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
