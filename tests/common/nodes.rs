@@ -108,11 +108,13 @@ fn base_tarball() -> &'static Path {
 }
 
 /// One address on the test network, held while a file exists (nodes of every test
-/// binary and thread on this network draw from X.100-X.250).
+/// binary and thread on this network draw from X.100-X.250). The file names the node
+/// ("ID DIR"), so that `integration/docker-node sweep` can tear down the nodes of a
+/// killed test process.
 struct Claim(PathBuf);
 
 impl Claim {
-    fn take(gateway: &str) -> (Claim, String) {
+    fn take(gateway: &str, id: &str, node_dir: &Path) -> (Claim, String) {
         let subnet = gateway.rsplit_once('.').unwrap().0;
         let dir = PathBuf::from(format!("/run/rbdvol-testnet/nodes-{gateway}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -122,7 +124,8 @@ impl Claim {
                 .write(true)
                 .create_new(true)
                 .open(&f);
-            if made.is_ok() {
+            if let Ok(mut file) = made {
+                writeln!(file, "{id} {}", node_dir.display()).unwrap();
                 return (Claim(f), format!("{subnet}.{n}"));
             }
         }
@@ -168,9 +171,9 @@ impl DockerNode {
         );
         let gateway = std::env::var("TESTNET_GATEWAY").unwrap();
         let bridge = std::env::var("TESTNET_BRIDGE").unwrap();
-        let (claim, addr) = Claim::take(&gateway);
-        std::fs::create_dir_all(NODES_ROOT).unwrap();
         let dir = PathBuf::from(NODES_ROOT).join(&id);
+        let (claim, addr) = Claim::take(&gateway, &id, &dir);
+        std::fs::create_dir_all(NODES_ROOT).unwrap();
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let mut node = DockerNode {
             name: name.to_string(),
