@@ -118,7 +118,25 @@ impl Claim {
         let subnet = gateway.rsplit_once('.').unwrap().0;
         let dir = PathBuf::from(format!("/run/rbdvol-testnet/nodes-{gateway}"));
         std::fs::create_dir_all(&dir).unwrap();
-        for n in 100..=250 {
+        // Round robin from where the last claim on this network left off: an address
+        // released a moment ago is not reused at once. (A node that reused the address
+        // of one just torn down sometimes could not reach the cluster for ~25 s.)
+        let next = dir.join(".next");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))
+            .unwrap();
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let start: u32 = std::fs::read_to_string(&next)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        for k in 0..151 {
+            let n = 100 + (start + k) % 151;
             let f = dir.join(n.to_string());
             let made = std::fs::OpenOptions::new()
                 .write(true)
@@ -126,6 +144,7 @@ impl Claim {
                 .open(&f);
             if let Ok(mut file) = made {
                 writeln!(file, "{id} {}", node_dir.display()).unwrap();
+                std::fs::write(&next, (n - 99).to_string()).unwrap();
                 return (Claim(f), format!("{subnet}.{n}"));
             }
         }
@@ -138,11 +157,9 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        // The directory stays (removing it would race another node's claim);
+        // integration/test's `docker-node sweep` removes it with the test network.
         let _ = std::fs::remove_file(&self.0);
-        // The last node on this network removes the directory (fails while others hold).
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir(dir);
-        }
     }
 }
 
