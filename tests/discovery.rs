@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::nodes::{nodes_missing, DockerNode};
+use common::nodes::{nodes_missing, say, DockerNode};
 use common::*;
 
 const DRIVER: &str = "rbdvol-e2e-spec";
@@ -13,7 +13,7 @@ const DRIVER: &str = "rbdvol-e2e-spec";
 #[test]
 fn dockerd_finds_the_plugin_through_a_spec_file() {
     if let Some(why) = nodes_missing() {
-        eprintln!("SKIPPED .spec discovery: {why}");
+        say(&format!("SKIPPED .spec discovery: {why}"));
         return;
     }
     let node = DockerNode::start("spec");

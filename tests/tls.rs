@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nodes::{nodes_missing, DockerNode};
+use common::nodes::{nodes_missing, say, DockerNode};
 use common::*;
 use rbdvol::certs;
 use rustls::pki_types::pem::PemObject;
@@ -472,7 +472,7 @@ const DOCKER_TLS_DRIVER: &str = "rbdvol-e2e-tls";
 #[test]
 fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
     if let Some(why) = nodes_missing() {
-        eprintln!("SKIPPED dockerd over mutual TLS: {why}");
+        say(&format!("SKIPPED dockerd over mutual TLS: {why}"));
         return;
     }
     let node = DockerNode::start("tls");
