@@ -1,46 +1,36 @@
-//! Legacy plugin discovery through a `.spec` file: dockerd reads the address from
-//! /etc/docker/plugins/NAME.spec (here a unix socket outside /run/docker/plugins) and
-//! drives the plugin there. (The `.sock` way is covered by tests/docker_*.rs, the
-//! `.json` + mutual TLS way by tests/tls.rs.)
+//! Legacy plugin discovery through a `.spec` file: a private Docker node's dockerd
+//! reads the address from its /etc/docker/plugins/NAME.spec (here a unix socket
+//! outside /run/docker/plugins) and drives the plugin there. (The `.sock` way is
+//! covered by tests/docker_*.rs, the `.json` + mutual TLS way by tests/tls.rs.)
 
 mod common;
 
-use std::path::PathBuf;
-
+use common::nodes::{nodes_missing, say, DockerNode};
 use common::*;
 
-/// dockerd caches a legacy plugin's address by name for its whole life: one fixed
-/// name and socket path on a machine, one run at a time.
 const DRIVER: &str = "rbdvol-e2e-spec";
-const SOCKET_DIR: &str = "/run/rbdvol-e2e-spec";
 
 #[test]
 fn dockerd_finds_the_plugin_through_a_spec_file() {
-    let (up, why) = docker(&["info", "--format", "{{.ServerVersion}}"]);
-    if !up {
-        eprintln!("SKIPPED .spec discovery: no Docker engine: {}", why.trim());
+    if let Some(why) = nodes_missing() {
+        say(&format!("SKIPPED .spec discovery: {why}"));
         return;
     }
-    std::fs::create_dir_all("/run/lock").unwrap();
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/run/lock/rbdvol-docker-spec.lock")
-        .unwrap();
-    let _one_run_at_a_time = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap();
-    std::fs::create_dir_all(SOCKET_DIR).unwrap();
+    let node = DockerNode::start("spec");
+    let docker = |args: &[&str]| {
+        let o = node.docker_within(args, 120);
+        (o.ok, o.stdout + &o.stderr)
+    };
+    let socket_dir = node.work().join("spec");
+    std::fs::create_dir_all(&socket_dir).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(SOCKET_DIR, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let socket = PathBuf::from(SOCKET_DIR).join("rbdvol.sock");
-    let mut opts = DaemonOpts::host("host-spec");
+    std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let socket = socket_dir.join("rbdvol.sock");
+    let mut opts = DaemonOpts::host("host-spec").in_netns(&node.netns);
     opts.socket = Some(socket.clone());
     let d = Daemon::start(opts);
 
-    std::fs::create_dir_all("/etc/docker/plugins").unwrap();
-    let spec = PathBuf::from(format!("/etc/docker/plugins/{DRIVER}.spec"));
+    let spec = node.spec_dir().join(format!("{DRIVER}.spec"));
     std::fs::write(&spec, format!("unix://{}\n", socket.display())).unwrap();
     let name = unique("specvol");
     let (ok, out) = docker(&[
@@ -54,14 +44,11 @@ fn dockerd_finds_the_plugin_through_a_spec_file() {
         "fstype=xfs",
         &name,
     ]);
-    if !ok {
-        let _ = std::fs::remove_file(&spec);
-        // No inspect or rm of a name dockerd does not know: it would probe every driver.
-        panic!(
-            "docker volume create through the .spec failed: {out}\n{}",
-            d.log()
-        );
-    }
+    assert!(
+        ok,
+        "docker volume create through the .spec failed: {out}\n{}",
+        d.log()
+    );
     let (iok, inspect) = docker(&[
         "volume",
         "inspect",
@@ -70,7 +57,6 @@ fn dockerd_finds_the_plugin_through_a_spec_file() {
         &name,
     ]);
     let (rok, removed) = docker(&["volume", "rm", &name]);
-    let _ = std::fs::remove_file(&spec);
     assert!(
         iok && inspect.contains(&format!("{DRIVER} xfs")),
         "{inspect}"

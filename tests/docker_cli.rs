@@ -1,6 +1,6 @@
 //! Docker end to end, the volume commands: `docker volume create/ls/inspect/rm`
-//! through the machine's dockerd and a real legacy (v1) plugin, with options checked
-//! in the cluster, and bad options refused with the plugin's words.
+//! through a private Docker node's dockerd and a real legacy (v1) plugin, with options
+//! checked in the cluster, and bad options refused with the plugin's words.
 //! The fixtures and how they live with dockerd: tests/common/e2e/mod.rs.
 
 mod common;

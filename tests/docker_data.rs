@@ -96,12 +96,12 @@ fn shared_volume_docker_cp_and_rm_while_in_use() {
     let mounts_before = s.plugin("a").mount_requests().len();
     let src = s.scratch.path().join("copied.txt");
     std::fs::write(&src, "copied in\n").unwrap();
-    docker_ok(&[
+    s.docker_ok(&[
         "cp",
         src.to_str().unwrap(),
         &format!("{holder}:/data/copied.txt"),
     ]);
-    let out = docker_ok(&["cp", &format!("{holder}:/data/second"), "-"]);
+    let out = s.docker_ok(&["cp", &format!("{holder}:/data/second"), "-"]);
     assert!(out.contains("from-second"), "copy out: {out:?}");
     let cp_mounts = s.plugin("a").mount_requests().split_off(mounts_before);
     assert!(!cp_mounts.is_empty(), "docker cp did not mount the volume");
@@ -132,7 +132,7 @@ fn shared_volume_docker_cp_and_rm_while_in_use() {
     let removes = s.plugin("a").answered("VolumeDriver.Remove");
     let e = s.rm(&vol);
     assert!(!e.ok && e.stderr.contains("in use"), "{e}");
-    docker_ok(&["stop", "-t", "1", &holder]);
+    s.docker_ok(&["stop", "-t", "1", &holder]);
     s.plugin("a")
         .assert_idle("the container stopped: its volume must be released");
     assert_eq!(lock_holders("rbd", &vol), Vec::<String>::new());
@@ -150,7 +150,7 @@ fn shared_volume_docker_cp_and_rm_while_in_use() {
         ),
         "from-first\nfrom-second\ncopied in\nafter-cp\n"
     );
-    docker_ok(&["rm", &holder]);
+    s.docker_ok(&["rm", &holder]);
     assert!(s.rm(&vol).ok);
     assert_trashed("rbd", &vol);
     s.finish();

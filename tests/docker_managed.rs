@@ -1,21 +1,26 @@
 //! Docker end to end, the managed (v2) plugin that integration/build-managed-plugin
 //! builds from this build's binary and Debian packages (the first run on a machine
-//! builds and caches its root filesystem), installed and enabled in this dockerd.
+//! builds and caches its root filesystem), installed and enabled in a private Docker
+//! node's dockerd.
 //! The fixtures and how they live with dockerd: tests/common/e2e/mod.rs.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use common::e2e::*;
 use common::host::live_pids;
-use common::{cmdline, images_in, lock_holders, mounts_under};
+use common::{cmdline, images_in, lock_holders};
 
-/// Mounts strictly below `dir` (Docker's propagated mount is itself a mount point).
-fn mounts_below(dir: &Path) -> Vec<String> {
+/// Mounts strictly below `dir` as the node sees them (Docker's propagated mount is
+/// itself a mount point, in the node's mount namespace).
+fn mounts_below(node: &DockerNode, dir: &Path) -> Vec<String> {
     let d = dir.display().to_string();
-    mounts_under(dir).into_iter().filter(|m| *m != d).collect()
+    node.mounts_under(dir)
+        .into_iter()
+        .filter(|m| *m != d)
+        .collect()
 }
 
 /// Processes in the managed plugin `id`'s cgroup: its daemon plus one exporter per
@@ -33,7 +38,7 @@ fn managed_processes(id: &str) -> Vec<String> {
 }
 
 /// The managed (v2) plugin, built without a registry by integration/build-managed-plugin
-/// and enabled in this dockerd: create/ls/inspect, data across containers, two
+/// and enabled in a private Docker node's dockerd: create/ls/inspect, data across containers, two
 /// containers at once, docker cp, rm into the trash; Mount's in-plugin path reaches
 /// the host through the propagated mount; disable and rm leave nothing behind.
 #[test]
@@ -47,10 +52,14 @@ fn managed_plugin_end_to_end() {
         "docker_e2e: managed plugin {name} built and enabled in {:.1}s",
         started.elapsed().as_secs_f64()
     ));
-    let id = docker_ok(&["plugin", "inspect", "-f", "{{.Id}}", &name])
+    let id = s
+        .docker_ok(&["plugin", "inspect", "-f", "{{.Id}}", &name])
         .trim()
         .to_string();
-    let propagated = PathBuf::from(format!("/var/lib/docker/plugins/{id}/propagated-mount"));
+    let propagated = s
+        .node("a")
+        .data_root()
+        .join(format!("plugins/{id}/propagated-mount"));
     assert_eq!(
         managed_processes(&id).len(),
         1,
@@ -96,7 +105,7 @@ fn managed_plugin_end_to_end() {
     );
     assert!(out.contains(" ext4 ") && out.contains("noatime"), "{out}");
     assert!(
-        mounts_below(&propagated).is_empty(),
+        mounts_below(s.node("a"), &propagated).is_empty(),
         "still mounted on the host"
     );
     assert_eq!(
@@ -110,10 +119,10 @@ fn managed_plugin_end_to_end() {
     let holder = s.start_container(&vol, &["sleep", "600"]);
     let host_mp = propagated.join(format!("rbdvol/fast/{vol}"));
     assert!(
-        mounts_below(&propagated).contains(&host_mp.display().to_string()),
+        mounts_below(s.node("a"), &propagated).contains(&host_mp.display().to_string()),
         "Mount's in-plugin path must reach the host at {}: {:?}",
         host_mp.display(),
-        mounts_below(&propagated)
+        mounts_below(s.node("a"), &propagated)
     );
     let v = s.inspect(&vol);
     // Docker scopes Mount's answer but shows Get's Mountpoint as the plugin said it.
@@ -131,7 +140,7 @@ fn managed_plugin_end_to_end() {
     assert_eq!(s.exec(&holder, "cat /data/g"), "second\n");
     let src = s.scratch.path().join("in.txt");
     std::fs::write(&src, "copied\n").unwrap();
-    docker_ok(&[
+    s.docker_ok(&[
         "cp",
         src.to_str().unwrap(),
         &format!("{holder}:/data/in.txt"),
@@ -146,9 +155,9 @@ fn managed_plugin_end_to_end() {
     );
     let e = s.rm(&vol);
     assert!(!e.ok && e.stderr.contains("in use"), "{e}");
-    docker_ok(&["rm", "-f", &holder]);
+    s.docker_ok(&["rm", "-f", &holder]);
     assert!(
-        mounts_below(&propagated).is_empty(),
+        mounts_below(s.node("a"), &propagated).is_empty(),
         "still mounted on the host"
     );
     assert_eq!(
@@ -161,12 +170,14 @@ fn managed_plugin_end_to_end() {
     assert_trashed("fast", &vol);
     s.finish();
     assert!(
-        !docker(&["plugin", "inspect", &name]).ok,
+        !s.docker(&["plugin", "inspect", &name]).ok,
         "the plugin is still installed"
     );
     assert!(managed_processes(&id).is_empty(), "the plugin still runs");
-    assert!(
-        !Path::new(PLUGIN_DIR).join(&id).exists(),
-        "the plugin's socket directory is still there"
-    );
+    for dir in [s.node("a").exec_root(), s.node("a").plugin_dir()] {
+        assert!(
+            !dir.join("plugins").join(&id).exists() && !dir.join(&id).exists(),
+            "the plugin's socket directory is still there"
+        );
+    }
 }

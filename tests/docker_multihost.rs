@@ -1,6 +1,6 @@
-//! Docker end to end, several hosts: a volume another host holds cannot be removed or
-//! used here; a volume created through one host's plugin is seen and used, with its
-//! data, through another's.
+//! Docker end to end, several hosts (one private Docker node each): a volume another
+//! host holds cannot be removed or used here; a volume created through one host's
+//! plugin is seen and used, with its data, through another's.
 //! The fixtures and how they live with dockerd: tests/common/e2e/mod.rs.
 
 mod common;
@@ -76,10 +76,9 @@ fn rm_and_run_refused_while_another_host_holds_the_volume() {
 }
 
 /// A volume created with options through host A's plugin is listed, inspected (with
-/// those options) and used with its data through host B's plugin, in the same dockerd.
-/// dockerd records one driver per volume name, so host A's plugin runs with
-/// `remove.policy = keep`: `docker volume rm` there makes dockerd forget the volume
-/// while the image stays, as if host A were another machine.
+/// those options) and used with its data through host B's plugin, each host a Docker
+/// node of its own. Host A's plugin runs with `remove.policy = keep`: `docker volume
+/// rm` there makes host A's dockerd forget the volume while the image stays.
 #[test]
 fn a_volume_created_on_host_a_is_seen_and_used_on_host_b() {
     let Some(mut s) = Scene::new("hosts") else {

@@ -1,6 +1,7 @@
 //! The HTTPS listener for remote plugins: TLS 1.2+ only, and with a client CA
 //! configured, no request is served without a valid client certificate. Checked with
-//! curl, and with the real dockerd reaching the plugin through a `.json` spec.
+//! curl, and with a private Docker node's dockerd reaching the plugin through a `.json`
+//! spec.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::nodes::{nodes_missing, say, DockerNode};
 use common::*;
 use rbdvol::certs;
 use rustls::pki_types::pem::PemObject;
@@ -447,86 +449,49 @@ fn connections_over_the_caps_are_closed_at_once_and_idle_ones_in_time() {
     }
 }
 
-fn docker_available() -> Result<(), String> {
-    let out = Command::new("timeout")
-        .args([
-            "-k",
-            "5",
-            "30",
-            "docker",
-            "info",
-            "--format",
-            "{{.ServerVersion}}",
-        ])
-        .output()
-        .map_err(|e| format!("docker CLI: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
-/// Removes the volumes this test created and the plugin spec, so a vanished plugin
-/// never leaves Docker records behind (they would stall later `docker volume ls`).
+/// Removes the volumes this test created, so the plugin never vanishes under a
+/// record the node's dockerd still holds.
 /// Only the test's own volumes: List shows the whole pool, other tests' volumes too.
-struct SpecGuard {
-    spec: PathBuf,
+struct SpecGuard<'a> {
+    node: &'a DockerNode,
     volumes: Vec<String>,
 }
 
-impl Drop for SpecGuard {
+impl Drop for SpecGuard<'_> {
     fn drop(&mut self) {
         for v in &self.volumes {
-            let _ = docker(&["volume", "rm", "-f", v]);
+            let _ = self.node.docker_within(&["volume", "rm", "-f", v], 120);
         }
-        let _ = std::fs::remove_file(&self.spec);
     }
 }
 
-/// dockerd caches a legacy plugin by name for its whole life, with the address and TLS
-/// files it read at activation. So this test uses one fixed driver name, port and
-/// certificate directory on a machine, and one run at a time (a lock file): a later run
-/// serves exactly what dockerd cached, and no stale drivers pile up in dockerd.
-const DOCKER_TLS_DRIVER: &str = "rbdvol-e2e-tls";
+/// The listener's port inside the node's own network namespace (nothing else uses it).
 const DOCKER_TLS_PORT: u16 = 17443;
-const DOCKER_TLS_DIR: &str = "/var/lib/rbdvol-e2e/tls";
-
-fn docker_tls_lock() -> nix::fcntl::Flock<std::fs::File> {
-    std::fs::create_dir_all("/run/lock").unwrap();
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/run/lock/rbdvol-docker-tls.lock")
-        .unwrap();
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .unwrap()
-}
+const DOCKER_TLS_DRIVER: &str = "rbdvol-e2e-tls";
 
 #[test]
 fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
-    if let Err(why) = docker_available() {
-        eprintln!("SKIPPED dockerd over mutual TLS: no Docker engine: {why}");
+    if let Some(why) = nodes_missing() {
+        say(&format!("SKIPPED dockerd over mutual TLS: {why}"));
         return;
     }
-    let _one_run_at_a_time = docker_tls_lock();
-    let certs_dir = PathBuf::from(DOCKER_TLS_DIR);
-    if !certs_dir.join("rbdvol.json").exists() {
-        certs::init(
-            &certs_dir,
-            &["localhost".into(), "127.0.0.1".into()],
-            &format!("127.0.0.1:{DOCKER_TLS_PORT}"),
-        )
-        .unwrap();
-    }
-    if std::net::TcpListener::bind(("127.0.0.1", DOCKER_TLS_PORT)).is_err() {
-        panic!("port {DOCKER_TLS_PORT} (this test's fixed port, which dockerd caches) is taken by another process");
-    }
+    let node = DockerNode::start("tls");
+    let docker = |args: &[&str]| {
+        let o = node.docker_within(args, 120);
+        (o.ok, o.stdout + &o.stderr)
+    };
+    let certs_tmp = tempfile::tempdir().unwrap();
+    let certs_dir = certs_tmp.path().join("certs");
+    certs::init(
+        &certs_dir,
+        &["localhost".into(), "127.0.0.1".into()],
+        &format!("127.0.0.1:{DOCKER_TLS_PORT}"),
+    )
+    .unwrap();
     let c = |f: &str| certs_dir.join(f).display().to_string();
     let d = Daemon::start(
         DaemonOpts::host("host-tls-docker")
+            .in_netns(&node.netns)
             .env(
                 "RBDVOL_TLS__LISTEN",
                 &format!("127.0.0.1:{DOCKER_TLS_PORT}"),
@@ -535,12 +500,11 @@ fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
             .env("RBDVOL_TLS__KEY", &c("server-key.pem"))
             .env("RBDVOL_TLS__CLIENT_CA", &c("ca.pem")),
     );
-    std::fs::create_dir_all("/etc/docker/plugins").unwrap();
-    let spec = PathBuf::from(format!("/etc/docker/plugins/{DOCKER_TLS_DRIVER}.json"));
+    let spec = node.spec_dir().join(format!("{DOCKER_TLS_DRIVER}.json"));
     std::fs::copy(certs_dir.join("rbdvol.json"), &spec).unwrap();
     let name = unique("tlsvol");
     let mut guard = SpecGuard {
-        spec: spec.clone(),
+        node: &node,
         volumes: vec![name.clone()],
     };
     let (ok, out) = docker(&[
@@ -568,12 +532,10 @@ fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
     assert!(ok && out.contains("rbd 64 MiB"), "{out}");
     let (ok, out) = docker(&["volume", "rm", &name]);
     assert!(ok, "{out}");
-    // Removed: removing it again would make dockerd probe every driver it knows.
     guard.volumes.clear();
     assert!(trashed_names("rbd").contains(&name));
 
-    // Without its client certificate dockerd is refused: nothing is created. A refused
-    // activation is not cached by dockerd, so this name leaves nothing behind.
+    // Without its client certificate dockerd is refused: nothing is created.
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&spec).unwrap()).unwrap();
     json["TLSConfig"]
@@ -582,12 +544,8 @@ fn dockerd_reaches_the_plugin_through_a_json_spec_with_mutual_tls() {
         .remove("CertFile");
     json["TLSConfig"].as_object_mut().unwrap().remove("KeyFile");
     let driver2 = format!("{DOCKER_TLS_DRIVER}-nocert");
-    let spec2 = PathBuf::from(format!("/etc/docker/plugins/{driver2}.json"));
+    let spec2 = node.spec_dir().join(format!("{driver2}.json"));
     std::fs::write(&spec2, json.to_string()).unwrap();
-    let _guard2 = SpecGuard {
-        spec: spec2,
-        volumes: Vec::new(),
-    };
     let refused = unique("tlsno");
     let (ok, out) = docker(&["volume", "create", "-d", &driver2, &refused]);
     assert!(

@@ -5,7 +5,8 @@
 //! - `cluster`: the `rbd` and `ceph` CLIs, for checking what really happened in the cluster;
 //! - `host`: this machine's mounts, loop devices and processes, and cleaning them up;
 //! - `net`: the test network's hosts (network namespaces), for multi-host tests;
-//! - `e2e`: the Docker end-to-end fixtures (the machine's dockerd driving real plugins).
+//! - `nodes`: private Docker nodes (the machine's dockerd binary in namespaces of its own);
+//! - `e2e`: the Docker end-to-end fixtures (private nodes' dockerd driving real plugins).
 //!
 //! The cluster comes from `TEST_CEPH_CONF`, which `integration/test` sets after
 //! bringing up a throwaway cluster with `integration/ceph-up`.
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod e2e;
 pub mod host;
 pub mod net;
+pub mod nodes;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,10 +56,4 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Runs the docker CLI with a deadline; returns (ok, stdout+stderr).
-pub fn docker(args: &[&str]) -> (bool, String) {
-    let o = e2e::docker_within(args, 120);
-    (o.ok, o.stdout + &o.stderr)
 }

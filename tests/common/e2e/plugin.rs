@@ -1,6 +1,8 @@
-//! A real `rbdvol serve` standing in for one host of the Docker end-to-end tests:
-//! its socket where this dockerd discovers it (or private, for "another host's
-//! dockerd"), its state and mount root under /var/lib, its log shown when a test fails.
+//! A real `rbdvol serve` standing in for one host of the Docker end-to-end tests: run
+//! in its Docker node's network namespace and cgroup, its socket where that node's
+//! dockerd discovers it (or private, reached by raw requests), its state and mount root
+//! in the node's work directory (mounts there reach the node), its log shown when a
+//! test fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{say, PLUGIN_DIR, WORK_ROOT};
+use super::{say, DockerNode};
 use crate::common::host::{await_socket, clean_host, leftovers, mounts_under, stop_child};
 use crate::common::{ceph_conf, Conn};
 
@@ -19,30 +21,40 @@ pub struct Plugin {
     pub host_id: String,
     dir: Option<tempfile::TempDir>,
     pub socket: PathBuf,
+    /// The socket is in the node's plugin directory (removed if the daemon leaves it).
+    discoverable: bool,
     child: Option<Child>,
 }
 
 impl Plugin {
-    /// `discoverable`: the socket is /run/docker/plugins/NAME.sock, so this dockerd
-    /// uses it; otherwise it lives in the plugin's own directory, reached only by raw
-    /// requests (another host's dockerd).
-    pub fn start(name: &str, host_id: &str, discoverable: bool, env: &[(&str, &str)]) -> Plugin {
-        std::fs::create_dir_all(WORK_ROOT).unwrap();
+    /// `discoverable`: the socket is the node's /run/docker/plugins/NAME.sock, so its
+    /// dockerd uses it; otherwise it lives in the plugin's own directory, reached only
+    /// by raw requests (as another host's dockerd would send them).
+    pub fn start(
+        node: &DockerNode,
+        name: &str,
+        host_id: &str,
+        discoverable: bool,
+        env: &[(&str, &str)],
+    ) -> Plugin {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{name}."))
-            .tempdir_in(WORK_ROOT)
+            .tempdir_in(node.work())
             .unwrap();
         let socket = if discoverable {
-            std::fs::create_dir_all(PLUGIN_DIR).unwrap();
-            Path::new(PLUGIN_DIR).join(format!("{name}.sock"))
+            node.plugin_dir().join(format!("{name}.sock"))
         } else {
             dir.path().join("rbdvol.sock")
         };
         let root = dir.path().to_path_buf();
         std::fs::write(root.join("rbdvol.toml"), "").unwrap();
         let log = std::fs::File::create(root.join("daemon.log")).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rbdvol"));
-        cmd.arg("serve")
+        // Only the network namespace is the node's: its mounts stay visible to the test
+        // and reach the node's dockerd by propagation.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.netns))
+            .arg(env!("CARGO_BIN_EXE_rbdvol"))
+            .arg("serve")
             .arg("--config")
             .arg(root.join("rbdvol.toml"))
             .arg("--socket")
@@ -66,11 +78,13 @@ impl Plugin {
             .stderr(log)
             .spawn()
             .expect("starting rbdvol");
+        node.adopt(child.id());
         let mut p = Plugin {
             name: name.to_string(),
             host_id: host_id.to_string(),
             dir: Some(dir),
             socket,
+            discoverable,
             child: Some(child),
         };
         let child = p.child.as_mut().unwrap();
@@ -189,7 +203,7 @@ impl Plugin {
         };
         stop_child(child, Duration::from_secs(15));
         // A socket left behind (the daemon was killed) would stall dockerd's scans.
-        if self.socket.starts_with(PLUGIN_DIR) {
+        if self.discoverable {
             let _ = std::fs::remove_file(&self.socket);
         }
     }

@@ -1,8 +1,9 @@
-//! One Docker end-to-end test's world (`Scene`): its plugins, and the containers,
-//! volume records and managed plugin it made in dockerd, removed in an order that
-//! never leaves dockerd a record whose driver is gone.
+//! One Docker end-to-end test's world (`Scene`): its private Docker nodes (one per
+//! host role), its plugins, and the containers, volume records and managed plugin it
+//! made in the nodes, removed in an order that never leaves a dockerd a record whose
+//! driver is gone, then the nodes themselves.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,70 +11,109 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 
-use super::{base_image, docker, docker_ok, engine_missing, run_lock, say, Out, Plugin, BASE};
+use super::{say, DockerNode, Out, Plugin, BASE};
+use crate::common::nodes::nodes_missing;
 use crate::common::{ceph_conf, unique};
 
-/// One test's world: its plugins, and the containers and volume records it made in
-/// dockerd. Dropping it removes containers, then volume records, then stops the
-/// plugins (fields drop after `drop` runs), so dockerd never keeps a record whose
-/// driver is gone.
+/// One test's world. Dropping it removes containers, then volume records, then the
+/// managed plugin, then stops the plugins, then the nodes (fields drop in order after
+/// `drop` runs).
 pub struct Scene {
     pub key: String,
     pub label: String,
-    pub containers: Mutex<Vec<String>>,
-    /// Volume names dockerd records now (removing an unrecorded name would make
-    /// dockerd probe every driver it knows, stale ones included).
-    pub recorded: Mutex<BTreeSet<String>>,
+    /// Container name -> the role of the node it runs on.
+    pub containers: Mutex<BTreeMap<String, String>>,
+    /// Volume name -> the role of the node whose dockerd records it now.
+    pub recorded: Mutex<BTreeMap<String, String>>,
+    /// Driver name -> the role of the node that has it.
+    drivers: BTreeMap<String, String>,
     pub plugins: Vec<Plugin>,
-    /// A managed (v2) plugin this test installed: disabled and removed after the
-    /// volume records, before the legacy plugins stop.
+    /// A managed (v2) plugin this test installed in node "a".
     pub managed: Option<String>,
     pub scratch: tempfile::TempDir,
+    /// (role, node); dropped after the plugins.
+    nodes: Vec<(String, DockerNode)>,
 }
 
 impl Scene {
-    /// None (after saying why) when there is no Docker engine.
+    /// None (after saying why) when no private Docker node can be had here.
     pub fn new(key: &str) -> Option<Scene> {
-        if let Some(why) = engine_missing() {
-            say(&format!("SKIPPED: no Docker engine: {why}"));
+        if let Some(why) = nodes_missing() {
+            say(&format!("SKIPPED: {why}"));
             return None;
-        }
-        base_image();
-        run_lock();
-        let label = format!("rbdvol-e2e={key}");
-        // Containers an earlier, killed run of this test left behind.
-        let old = docker_ok(&["ps", "-aq", "--filter", &format!("label={label}")]);
-        let old: Vec<&str> = old.split_whitespace().collect();
-        if !old.is_empty() {
-            let mut args = vec!["rm", "-f"];
-            args.extend(old);
-            docker(&args);
         }
         Some(Scene {
             key: key.to_string(),
-            label,
-            containers: Mutex::new(Vec::new()),
-            recorded: Mutex::new(BTreeSet::new()),
+            label: format!("rbdvol-e2e={key}"),
+            containers: Mutex::new(BTreeMap::new()),
+            recorded: Mutex::new(BTreeMap::new()),
+            drivers: BTreeMap::new(),
             plugins: Vec::new(),
             managed: None,
             scratch: tempfile::tempdir().unwrap(),
+            nodes: Vec::new(),
         })
     }
 
-    /// Starts host `role` ("a", "b"): host id `host-<role>`, driver name
-    /// `rbdvol-e2e-<test>-<role>`. Returns the driver name.
+    /// The node of host `role`, started on first use.
+    pub fn node_of(&mut self, role: &str) -> &DockerNode {
+        if !self.nodes.iter().any(|(r, _)| r == role) {
+            let node = DockerNode::start(&format!("{}-{role}", self.key));
+            self.nodes.push((role.to_string(), node));
+        }
+        self.node(role)
+    }
+
+    pub fn node(&self, role: &str) -> &DockerNode {
+        &self
+            .nodes
+            .iter()
+            .find(|(r, _)| r == role)
+            .unwrap_or_else(|| panic!("no node {role}"))
+            .1
+    }
+
+    /// The node that records `volume` now, else host a's.
+    fn node_for_volume(&self, volume: &str) -> &DockerNode {
+        let role = self.recorded.lock().unwrap().get(volume).cloned();
+        self.node(role.as_deref().unwrap_or("a"))
+    }
+
+    fn role_of_driver(&self, driver: &str) -> String {
+        self.drivers
+            .get(driver)
+            .cloned()
+            .unwrap_or_else(|| "a".into())
+    }
+
+    /// Starts host `role` ("a", "b") in a node of its own: host id `host-<role>`,
+    /// driver name `rbdvol-e2e-<test>-<role>`. Returns the driver name.
     pub fn host(&mut self, role: &str, env: &[(&str, &str)]) -> String {
         let name = format!("rbdvol-e2e-{}-{role}", self.key);
-        self.plugins
-            .push(Plugin::start(&name, &format!("host-{role}"), true, env));
+        let plugin = Plugin::start(
+            self.node_of(role),
+            &name,
+            &format!("host-{role}"),
+            true,
+            env,
+        );
+        self.plugins.push(plugin);
+        self.drivers.insert(name.clone(), role.to_string());
         name
     }
 
-    /// Another host whose dockerd is not this one: reached by raw requests only.
+    /// Another host, in a node of its own, driven by raw requests only (as that node's
+    /// dockerd would send them).
     pub fn remote_host(&mut self, role: &str, env: &[(&str, &str)]) {
         let name = format!("rbdvol-e2e-{}-{role}", self.key);
-        self.plugins
-            .push(Plugin::start(&name, &format!("host-{role}"), false, env));
+        let plugin = Plugin::start(
+            self.node_of(role),
+            &name,
+            &format!("host-{role}"),
+            false,
+            env,
+        );
+        self.plugins.push(plugin);
     }
 
     pub fn plugin(&self, role: &str) -> &Plugin {
@@ -81,12 +121,21 @@ impl Scene {
         self.plugins.iter().find(|p| p.host_id == id).unwrap()
     }
 
+    /// The docker CLI against host a's node.
+    pub fn docker(&self, args: &[&str]) -> Out {
+        self.node("a").docker(args)
+    }
+
+    pub fn docker_ok(&self, args: &[&str]) -> String {
+        self.node("a").docker_ok(args)
+    }
+
     /// A volume name unique to this run.
     pub fn volume_name(&self, what: &str) -> String {
         unique(&format!("e2e-{}-{what}", self.key))
     }
 
-    pub fn container_name(&self) -> String {
+    fn container_name(&self, role: &str) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "rbdvol-e2e-{}-{}-{}",
@@ -94,20 +143,24 @@ impl Scene {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        self.containers.lock().unwrap().push(name.clone());
+        self.containers
+            .lock()
+            .unwrap()
+            .insert(name.clone(), role.to_string());
         name
     }
 
-    /// `docker volume create -d DRIVER [-o k=v]... NAME`.
+    /// `docker volume create -d DRIVER [-o k=v]... NAME` on the driver's node.
     pub fn create(&self, driver: &str, name: &str, opts: &[&str]) -> Out {
+        let role = self.role_of_driver(driver);
         let mut args = vec!["volume", "create", "-d", driver];
         for o in opts {
             args.extend(["-o", o]);
         }
         args.push(name);
-        let o = docker(&args);
+        let o = self.node(&role).docker(&args);
         if o.ok {
-            self.recorded.lock().unwrap().insert(name.to_string());
+            self.recorded.lock().unwrap().insert(name.to_string(), role);
         }
         o
     }
@@ -120,7 +173,7 @@ impl Scene {
 
     /// `docker volume rm NAME` (the record goes only if it succeeds).
     pub fn rm(&self, name: &str) -> Out {
-        let o = docker(&["volume", "rm", name]);
+        let o = self.node_for_volume(name).docker(&["volume", "rm", name]);
         if o.ok {
             self.recorded.lock().unwrap().remove(name);
         }
@@ -128,34 +181,37 @@ impl Scene {
     }
 
     pub fn inspect(&self, name: &str) -> Value {
-        let out = docker_ok(&["volume", "inspect", name]);
+        let out = self
+            .node_for_volume(name)
+            .docker_ok(&["volume", "inspect", name]);
         let v: Value = serde_json::from_str(&out).unwrap();
         v[0].clone()
     }
 
-    /// Volume names `docker volume ls` shows for one driver (asks that driver only).
+    /// Volume names `docker volume ls` shows for one driver, on its node.
     pub fn ls(&self, driver: &str) -> Vec<(String, String, String)> {
-        docker_ok(&[
-            "volume",
-            "ls",
-            "--filter",
-            &format!("driver={driver}"),
-            "--format",
-            "{{.Driver}}|{{.Name}}|{{.Scope}}",
-        ])
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split('|');
-            Some((
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-            ))
-        })
-        .collect()
+        self.node(&self.role_of_driver(driver))
+            .docker_ok(&[
+                "volume",
+                "ls",
+                "--filter",
+                &format!("driver={driver}"),
+                "--format",
+                "{{.Driver}}|{{.Name}}|{{.Scope}}",
+            ])
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('|');
+                Some((
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                ))
+            })
+            .collect()
     }
 
-    pub fn run_args(&self, name: &str, detach: bool) -> Vec<String> {
+    fn run_args(&self, name: &str, detach: bool) -> Vec<String> {
         let mut v: Vec<String> = vec!["run".into()];
         if detach {
             v.push("-d".into());
@@ -173,9 +229,16 @@ impl Scene {
         v
     }
 
-    /// `docker run --rm -v VOL:/data BASE sh -c SCRIPT`.
+    fn role_for_volume(&self, volume: &str) -> String {
+        let role = self.recorded.lock().unwrap().get(volume).cloned();
+        role.unwrap_or_else(|| "a".into())
+    }
+
+    /// `docker run --rm -v VOL:/data BASE sh -c SCRIPT` on the node recording VOL.
     pub fn run(&self, volume: &str, script: &str) -> Out {
-        let name = self.container_name();
+        let role = self.role_for_volume(volume);
+        let node = self.node(&role);
+        let name = self.container_name(&role);
         let mut args = self.run_args(&name, false);
         args.extend([
             "-v".into(),
@@ -185,11 +248,11 @@ impl Scene {
             "-c".into(),
             script.into(),
         ]);
-        let o = docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let o = node.docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
         if !o.ok {
             // A container whose start failed stays behind (Created) and would keep
             // referencing the volume; --rm means it should go.
-            let _ = docker(&["rm", "-f", &name]);
+            let _ = node.docker(&["rm", "-f", &name]);
         }
         o
     }
@@ -202,59 +265,57 @@ impl Scene {
 
     /// A detached container holding VOL at /data; returns its name.
     pub fn start_container(&self, volume: &str, cmd: &[&str]) -> String {
-        let name = self.container_name();
+        let role = self.role_for_volume(volume);
+        let name = self.container_name(&role);
         let mut args = self.run_args(&name, true);
         args.extend(["-v".into(), format!("{volume}:/data"), BASE.into()]);
         args.extend(cmd.iter().map(|s| s.to_string()));
-        docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        self.node(&role)
+            .docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         name
     }
 
     pub fn exec(&self, container: &str, script: &str) -> String {
-        docker_ok(&["exec", container, "sh", "-c", script])
+        let role = self.containers.lock().unwrap().get(container).cloned();
+        self.node(role.as_deref().unwrap_or("a"))
+            .docker_ok(&["exec", container, "sh", "-c", script])
     }
 
-    /// Removes what this test made in dockerd. Runs again harmlessly from Drop.
+    /// Removes what this test made in its nodes. Runs again harmlessly from Drop.
     pub fn cleanup_docker(&mut self) {
-        let containers: Vec<String> = std::mem::take(&mut *self.containers.lock().unwrap());
-        for chunk in containers.chunks(20) {
-            let mut args = vec!["rm", "-f"];
-            args.extend(chunk.iter().map(String::as_str));
-            let _ = docker(&args);
+        let containers = std::mem::take(&mut *self.containers.lock().unwrap());
+        for (name, role) in containers {
+            let _ = self.node(&role).docker(&["rm", "-f", &name]);
         }
-        let recorded: Vec<String> = std::mem::take(&mut *self.recorded.lock().unwrap())
-            .into_iter()
-            .collect();
-        for v in recorded {
-            let o = docker(&["volume", "rm", "-f", &v]);
+        let recorded = std::mem::take(&mut *self.recorded.lock().unwrap());
+        for (v, role) in recorded {
+            let o = self.node(&role).docker(&["volume", "rm", "-f", &v]);
             if !o.ok {
                 say(&format!("docker_e2e: docker volume rm -f {v}: {o}"));
             }
         }
         if let Some(name) = self.managed.take() {
-            Self::remove_managed(&name);
-        }
-    }
-
-    /// Removes the managed plugin `name` if it is installed (from this or a killed run).
-    pub fn remove_managed(name: &str) {
-        if docker(&["plugin", "inspect", name]).ok {
-            let _ = docker(&["plugin", "disable", "-f", name]);
-            let o = docker(&["plugin", "rm", "-f", name]);
-            if !o.ok {
-                say(&format!("docker_e2e: docker plugin rm -f {name}: {o}"));
+            let node = self.node("a");
+            if node.docker(&["plugin", "inspect", &name]).ok {
+                let _ = node.docker(&["plugin", "disable", "-f", &name]);
+                let o = node.docker(&["plugin", "rm", "-f", &name]);
+                if !o.ok {
+                    say(&format!("docker_e2e: docker plugin rm -f {name}: {o}"));
+                }
             }
         }
     }
 
     /// Builds and enables the managed plugin `rbdvol-e2e-<test>` with this build's
-    /// binary (integration/build-managed-plugin); returns its name (`NAME:latest`).
+    /// binary in host a's node (integration/build-managed-plugin with that node's
+    /// DOCKER_HOST); returns its name (`NAME:latest`).
     pub fn managed_plugin(&mut self, host_id: &str) -> String {
         let name = format!("rbdvol-e2e-{}:latest", self.key);
-        Self::remove_managed(&name);
+        let docker_host = self.node_of("a").docker_host();
         let conf = ceph_conf();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/build-managed-plugin");
         self.managed = Some(name.clone());
+        self.drivers.insert(name.clone(), "a".into());
         let out = Command::new("timeout")
             .args(["-k", "10", "1800"])
             .arg(&script)
@@ -263,6 +324,8 @@ impl Scene {
             .arg(conf.parent().unwrap())
             .args(["--pools", "rbd,fast", "--host-id", host_id])
             .args(["--set", "RBDVOL_LOG__LEVEL=rbdvol=debug,info"])
+            .env("DOCKER_HOST", docker_host)
+            .env_remove("DOCKER_CONTEXT")
             .stdin(Stdio::null())
             .output()
             .expect("running build-managed-plugin");
@@ -275,8 +338,8 @@ impl Scene {
         name
     }
 
-    /// The normal end of a test: dockerd cleaned, plugins stopped, nothing leaked.
-    pub fn finish(mut self) {
+    /// The normal end of a test: the nodes cleaned, plugins stopped, nothing leaked.
+    pub fn finish(&mut self) {
         self.cleanup_docker();
         for p in &self.plugins {
             p.assert_idle("leaked at the end of the test");
@@ -295,6 +358,7 @@ impl Scene {
 impl Drop for Scene {
     fn drop(&mut self) {
         self.cleanup_docker();
-        // self.plugins drop next: each stops its daemon and cleans its host.
+        // self.plugins drop next (each stops its daemon and cleans its host), then
+        // self.nodes (each kills what is left in its cgroup and removes itself).
     }
 }
