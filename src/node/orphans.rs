@@ -63,7 +63,11 @@ impl Node {
         }
         for name in self.volume_names() {
             let lock = self.locks.get(&name);
-            let _serialised = lock.lock().await;
+            // A volume whose Mount or Unmount is under way is in use right now; the
+            // sweep does not wait behind it (a Mount may wait a minute for a lock).
+            let Ok(_serialised) = lock.try_lock() else {
+                continue;
+            };
             if let Some(v) = self.active(&name) {
                 self.release_if_orphaned(&name, &v).await;
             }
