@@ -25,6 +25,12 @@ const FILE_INO: INodeNo = INodeNo(2);
 /// Short, so a resize becomes visible quickly; the size itself comes from the backend.
 const TTL: Duration = Duration::from_secs(1);
 const BLOCK: u32 = 4096;
+/// Largest FUSE write: a loop device request above it is split into several requests,
+/// served side by side.
+const MAX_REQUEST: u32 = 1 << 20;
+/// FUSE requests the kernel keeps in flight (asynchronous direct I/O counts as
+/// background): enough for a queue depth of 64.
+const MAX_BACKGROUND: u16 = 64;
 /// Linux 6.17+: zero a range and keep it allocated (what loop sends for REQ_NOUNMAP).
 const FALLOC_FL_WRITE_ZEROES: i32 = 0x80;
 
@@ -332,6 +338,24 @@ impl ImageFs {
 }
 
 impl Filesystem for ImageFs {
+    /// Asks the kernel for asynchronous direct I/O: the loop device (attached with
+    /// direct I/O) then keeps many requests in flight at once instead of one, and the
+    /// workers serve them side by side. Nothing is cached here: every request is answered
+    /// only after librbd has answered it.
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO)
+            .is_err()
+        {
+            tracing::warn!("this kernel's FUSE has no asynchronous direct I/O; requests are served one at a time");
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
+        // Each worker's request buffer is touched up to this size, so it bounds the RSS.
+        let _ = config.set_max_write(MAX_REQUEST);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.attr(FILE_INO) {
             Some(attr) if parent == INodeNo::ROOT && name == FILE_NAME => {

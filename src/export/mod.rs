@@ -83,7 +83,7 @@ pub struct ExportArgs {
 
 /// FUSE worker threads: the loop device keeps several requests in flight, and the
 /// image handle is thread-safe.
-const WORKERS: usize = 4;
+const WORKERS: usize = 16;
 /// How often the watchdog asks librbd whether we still own the lock.
 const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
 /// How long a stop waits for requests already inside librbd.

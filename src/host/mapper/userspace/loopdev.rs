@@ -13,7 +13,14 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Attaches `file` to a free loop device and returns its path.
 pub(super) async fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
-    let mut args: Vec<&std::ffi::OsStr> = vec!["--find".as_ref(), "--show".as_ref()];
+    // Direct I/O: the loop device hands its requests to the exporter asynchronously
+    // (many in flight, not one at a time through its worker) and keeps no second copy of
+    // the data in the page cache of the FUSE file.
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--find".as_ref(),
+        "--show".as_ref(),
+        "--direct-io=on".as_ref(),
+    ];
     if read_only {
         args.push("--read-only".as_ref());
     }
