@@ -45,21 +45,26 @@ impl Check {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Check {
-        Check {
-            name: name.into(),
-            status: Status::Warn,
-            detail: detail.into(),
-            fix: fix.into(),
-        }
+        Check::with(Status::Warn, name, detail, fix)
     }
+
     pub fn fail(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
+        Check::with(Status::Fail, name, detail, fix)
+    }
+
+    fn with(
+        status: Status,
         name: impl Into<String>,
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Check {
         Check {
             name: name.into(),
-            status: Status::Fail,
+            status,
             detail: detail.into(),
             fix: fix.into(),
         }
