@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use crate::plugin::{mount_id, Plugin};
 use crate::report::Section;
-use crate::util::{fmt_mib_s, fmt_ratio, fmt_s, rbd_argv, rss_kib, run_ok, s, Env, Samples, R};
+use crate::util::{
+    fmt_mib_s, fmt_ratio, fmt_s, rbd_argv, rss_kib, run_ok, s, Env, Holder, Samples, R,
+};
 
 struct Test {
     label: &'static str,
@@ -285,6 +287,7 @@ fn measure(
     let runtime = env.pick(3, 6);
     let floor = &format!("rbd/{FLOOR}");
     let mp = main.conn()?.mount(NAME, &mount_id(1))?;
+    let _container = Holder::new(&mp, &main.dir.join("holders").join(NAME))?;
     let exporter = main.exporter_pid("rbd", NAME)?;
     let (idle, _) = rss_kib(exporter)?;
     let file = mp.join("fio.dat");

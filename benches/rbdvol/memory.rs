@@ -2,7 +2,7 @@
 //! daemon, and what they cost in resident memory (every exporter plus the daemon).
 
 use crate::plugin::{mount_id, Plugin};
-use crate::util::{rss_kib, R};
+use crate::util::{rss_kib, Holder, R};
 
 /// Volumes mounted at once (issue 16).
 pub const VOLUMES: usize = 50;
@@ -39,9 +39,12 @@ pub fn many(main: &Plugin) -> R<Many> {
 fn measure(main: &Plugin) -> R<Many> {
     let mut conn = main.conn()?;
     let mut pids = Vec::new();
+    // Mounting them all takes longer than `map.orphan_grace`.
+    let mut containers = Vec::new();
     for i in 0..VOLUMES {
         conn.create(&name(i), "64M")?;
-        conn.mount(&name(i), &mount_id(1))?;
+        let mp = conn.mount(&name(i), &mount_id(1))?;
+        containers.push(Holder::new(&mp, &main.dir.join("holders").join(name(i)))?);
         pids.push(main.exporter_pid("rbd", &name(i))?);
     }
     // Let the exporters settle (watch registered, first watchdog round done).

@@ -245,3 +245,51 @@ pub fn fmt_kib(kib: u64) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
+
+/// A stand-in for a container using a mounted volume: a process in a mount namespace
+/// of its own holding a bind mount of it, as runc makes one. Without it the daemon
+/// would, rightly, release a volume that Docker no longer references and no namespace
+/// uses once `map.orphan_grace` has passed, in the middle of a long figure.
+pub struct Holder(std::process::Child);
+
+impl Holder {
+    /// Binds `mountpoint` at `at` (created; under the run's directory, so a leaked
+    /// holder is found and killed by `integration/bench`'s cleanup).
+    pub fn new(mountpoint: &Path, at: &Path) -> R<Holder> {
+        use std::io::BufRead;
+        std::fs::create_dir_all(at).ctx(format!("creating {}", at.display()))?;
+        let script = format!(
+            "mount --bind '{}' '{}' && echo held && exec sleep 86400",
+            s(mountpoint),
+            s(at)
+        );
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ctx("starting a holder of the volume")?;
+        let mut line = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|out| std::io::BufReader::new(out).read_line(&mut line));
+        if line.trim() != "held" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "could not hold {} at {}: {read:?}",
+                s(mountpoint),
+                s(at)
+            ));
+        }
+        Ok(Holder(child))
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
