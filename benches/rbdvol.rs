@@ -256,6 +256,7 @@ fn main() {
         .conn()
         .and_then(|mut c| c.list())
         .and_then(|_| main.rss());
+    let idle_anon = memory::kib_field(&format!("/proc/{}/status", main.pid()), "RssAnon:");
 
     figure(&mut report, &path, "1. Control plane", |sec| {
         control::run(&env, &main, sec)
@@ -346,7 +347,10 @@ fn main() {
             "daemon idle RSS ≤ 30 MiB",
             fmt_kib(idle_rss),
             idle_rss <= 30 * 1024,
-            "Most of it is librados and librbd (their threads, caches and the connection to the cluster), not the daemon's own state.".into(),
+            match &idle_anon {
+                Ok(anon) => format!("Only {} of it is the daemon's own (anonymous) memory; the other {} are pages of the rbdvol binary and of the Ceph libraries (libceph-common, librbd, librados, libcrypto) that librados touches when it starts, mapped from files and shared with every other process that uses them.", fmt_kib(*anon), fmt_kib(idle_rss.saturating_sub(*anon))),
+                Err(e) => format!("Most of it is librados and librbd, not the daemon's own state (its anonymous memory could not be read: {e})."),
+            },
         );
         if let Ok(m) = &many {
             let total = m.exporters + m.daemon;

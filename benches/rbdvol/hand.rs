@@ -118,7 +118,7 @@ pub fn mount(env: &Env, dir: &Path, pool: &str, image: &str, format: bool) -> R<
         if Instant::now() > deadline {
             return Err("rbdvol export by hand never served".into());
         }
-        // Polled more finely than the daemon's 25 ms: this is the floor.
+        // Polled more finely than the daemon's 5 ms: this is the floor.
         std::thread::sleep(Duration::from_millis(2));
     }
     steps.export = t.elapsed();

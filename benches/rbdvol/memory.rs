@@ -68,7 +68,7 @@ fn measure(main: &Plugin) -> R<Many> {
 }
 
 /// One "Name:   123 kB" field of a /proc file, in KiB.
-fn kib_field(path: &str, key: &str) -> R<u64> {
+pub fn kib_field(path: &str, key: &str) -> R<u64> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
     text.lines()
         .find_map(|l| l.strip_prefix(key))

@@ -126,7 +126,7 @@ pub fn run(env: &Env, main: &Plugin, sec: &mut Section) -> R<()> {
          (the default), created fresh for its trial and removed after it. Plugin times are one \
          Mount or Unmount request, from sending it to the answer. By hand runs the daemon's own \
          steps with nothing around them: `rbdvol export` (started by us, its state file polled \
-         every 2 ms; the daemon polls every 25 ms), `losetup --find --show`, `blkid -p`, \
+         every 2 ms; the daemon polls every 5 ms), `losetup --find --show`, `blkid -p`, \
          `mkfs.ext4 -q -m0 -E nodiscard,lazy_itable_init=1,lazy_journal_init=1` (the daemon's \
          argv for a fresh image, from `host::fs::mkfs_argv`) or `e2fsck -p` on a re-mount, and \
          `mount -o rw`. The plugin also reads the image (Get-style describe) before mapping and \
@@ -265,7 +265,7 @@ pub fn run(env: &Env, main: &Plugin, sec: &mut Section) -> R<()> {
                         "The plugin spends {} more than the same steps by hand. Up to the \
                          exporter serving it takes {} against {} by hand (reading the volume \
                          first, clearing leftovers, `setsid`, and polling the exporter's state \
-                         file every 25 ms); the steps after that take {} against {}. ",
+                         file every 5 ms); the steps after that take {} against {}. ",
                         fmt_s(r.remount.median() - r.hand_remount.median()),
                         fmt_s(r.phases_re[0].median()),
                         fmt_s(r.hand_steps_re[0].median()),
