@@ -103,6 +103,13 @@ pub struct LockSettings {
     /// is removed earlier once that owner's exporter is known to have exited.
     #[serde(with = "humantime_serde")]
     pub fence_expiry: Duration,
+    /// Timeout of the liveness watch each userspace mapping keeps on its volume: a
+    /// host dead or cut off from the cluster for this long can be fenced and its
+    /// volumes taken over, without waiting for the cluster's watch timeout (30 s by
+    /// default). A live host that cannot reach the cluster for this long loses its
+    /// volumes the same way. 0s: publish none (takeover after the cluster's timeout).
+    #[serde(with = "humantime_serde")]
+    pub liveness_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -155,6 +162,7 @@ impl Default for LockSettings {
         LockSettings {
             takeover_wait: Duration::from_secs(60),
             fence_expiry: Duration::from_secs(365 * 24 * 3600),
+            liveness_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -330,6 +338,13 @@ impl Settings {
                 "lock.fence_expiry must be at least 1h: a fenced host that comes back after it expires can land its queued writes"
                     .into(),
             ));
+        }
+        let live = self.lock.liveness_timeout;
+        if !live.is_zero() && !(Duration::from_secs(3)..=Duration::from_secs(30)).contains(&live) {
+            return Err(Error::Config(format!(
+                "lock.liveness_timeout {}: use 0s (off) or 3s to 30s (default 5s); below 3s a live host's watch, pinged once a second, can expire",
+                humantime::format_duration(live)
+            )));
         }
         if !self.tls.listen.is_empty()
             && (self.tls.cert.as_os_str().is_empty() || self.tls.key.as_os_str().is_empty())

@@ -89,6 +89,7 @@ fn backends(settings: &Settings, cluster: Arc<Cluster>) -> Result<Backends> {
         ceph: settings.ceph.clone(),
         dir: settings.state_dir.join("exports"),
         fence_expiry: settings.lock.fence_expiry,
+        liveness_timeout: settings.lock.liveness_timeout,
     };
     let mappers = Mappers::real(chosen_mapper(settings), settings.ceph.clone(), exporters);
     let node = Node::new(

@@ -6,6 +6,7 @@
 //! the whole client instance, so locks belong to per-volume connections (the mappers).
 
 pub mod images;
+pub mod liveness;
 pub mod ops;
 pub mod sys;
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{Event, Failure};
 use crate::ceph::ceph_err;
+use crate::ceph::liveness::{self, Liveness};
 use crate::ceph::images::same_client;
 use crate::ceph::sys::{Image, OwnedImage, Rados};
 use crate::error::{Error, Result};
@@ -56,15 +57,19 @@ pub fn preflight(image: &Image<'_>, label: &str) -> Result<u64> {
 
 /// Takes the managed exclusive lock, waiting at most `wait`.
 ///
-/// rbdvol declares a previous owner dead itself, by librbd's own test (its client
-/// address has no watch on the image any more: the cluster dropped it after the watch
-/// timeout), and fences it ([`crate::lock::fence_owner`]) *before* breaking its lock.
-/// librbd's automatic takeover would blocklist it first, with the monitor's default
-/// expiry (1 hour), and the monitor never extends an existing entry: a host cut off
-/// for longer would then land its queued writes. So `rbd_lock_acquire` is only called
-/// on a lock nobody holds, and returns at once; while a holder still has a watch (live,
-/// or dead and not yet timed out) this waits, polling, until it releases or its watch
-/// times out. A stop signal ends the wait too.
+/// rbdvol declares a previous owner dead itself and fences it
+/// ([`crate::lock::fence_owner`]) *before* breaking its lock. Dead means either of:
+/// - its liveness watch is gone ([`crate::ceph::liveness`]): it opted in, and the OSD
+///   has not heard from its client for its short liveness timeout (5 s by default);
+/// - its client address has no watch on the image header any more (librbd's own test:
+///   the cluster dropped it after `osd_client_watch_timeout`, 30 s by default). This is
+///   the only rule for an owner that published no liveness (an older rbdvol).
+///
+/// librbd's automatic takeover would blocklist it with the monitor's default expiry (1
+/// hour), and the monitor never extends an existing entry: a host cut off for longer
+/// would then land its queued writes. So `rbd_lock_acquire` is only called on a lock
+/// nobody holds, and returns at once; while a holder is not proven dead this waits,
+/// polling, until it releases or is. A stop signal ends the wait too.
 pub fn acquire(
     take: &Taking<'_>,
     wait: Duration,
@@ -78,6 +83,10 @@ pub fn acquire(
     let deadline = started + wait;
     let mut said_waiting = false;
     let mut broke = Vec::new();
+    let pool = take
+        .rados
+        .pool(take.pool)
+        .map_err(|e| ceph_err(format!("opening pool {}", take.pool), e))?;
     loop {
         // Live from the image header: the handle's lock list (`lockers`) is a cache
         // that a break by this very client does not refresh.
@@ -96,17 +105,31 @@ pub fn acquire(
             let watchers = image
                 .watchers()
                 .map_err(|e| ceph_err(format!("listing the watchers of {label}"), e))?;
-            let dead: Vec<&String> = holders
-                .iter()
-                .filter(|a| !watchers.iter().any(|w| same_client(&w.addr, a)))
-                .collect();
-            for addr in &dead {
-                tracing::warn!(image = %label, owner = %owner_words(image, addr), "the lock owner's watch has timed out: declaring it dead, fencing it and taking the lock over");
+            let mut dead = Vec::new();
+            let mut alive = Vec::new();
+            for addr in &holders {
+                if !watchers.iter().any(|w| same_client(&w.addr, addr)) {
+                    dead.push((addr, "its watch on the image header has timed out".to_string()));
+                    continue;
+                }
+                match liveness::probe(&pool, take.name, addr) {
+                    Liveness::Gone(why) => dead.push((addr, why)),
+                    Liveness::Alive => alive.push(format!("{addr}: its liveness watch is held")),
+                    Liveness::Unknown(why) => alive.push(format!(
+                        "{addr}: {why}; waiting for its watch on the image header to time out \
+                         (osd_client_watch_timeout, 30 s by default)"
+                    )),
+                }
+            }
+            let mut broke_now = false;
+            for (addr, why) in &dead {
+                tracing::warn!(image = %label, owner = %owner_words(image, addr), reason = %why, "declaring the lock owner dead, fencing it and taking the lock over");
                 crate::lock::fence_owner(take.rados, addr, take.fence_expiry);
                 match image.lock_break(addr) {
                     Ok(()) => {
                         tracing::info!(image = %label, owner = %addr, "broke the dead owner's lock");
                         broke.push(addr.to_string());
+                        broke_now = true;
                     }
                     // Released or changed hands meanwhile: look again.
                     Err(e) if e.0 == libc::ENOENT || e.0 == libc::EBUSY => {}
@@ -119,9 +142,13 @@ pub fn acquire(
                     }
                 }
             }
+            if broke_now {
+                // Take it now, even past the deadline: its owner is already fenced.
+                continue;
+            }
             if dead.is_empty() && !said_waiting {
                 said_waiting = true;
-                tracing::info!(image = %label, owner = %describe_owner(image), "waiting for the exclusive lock: its owner still has a watch on the image (live, or dead and its watch not yet timed out)");
+                tracing::info!(image = %label, owner = %describe_owner(image), why = %alive.join("; "), "waiting for the exclusive lock: its owner is live, or dead and not yet declared so");
             }
         }
         if Instant::now() + POLL >= deadline {
@@ -129,7 +156,8 @@ pub fn acquire(
                 name: label.to_string(),
                 holder: format!(
                     "still waiting for the lock after {}s: its owner, {}, is live and did not release it, \
-                     or it died and the cluster has not declared it dead yet (its watch times out after \
+                     or it died and has not been declared dead yet (after its liveness watch times out, \
+                     5 s by default, or for an owner without one, after its watch on the image times out: \
                      osd_client_watch_timeout, 30 s by default); try again later",
                     wait.as_secs(),
                     describe_owner(image)
@@ -147,6 +175,9 @@ pub fn acquire(
 pub struct Taking<'a> {
     pub rados: &'a Rados,
     pub image: &'a Arc<OwnedImage>,
+    /// Pool and image name: where the owner's liveness object is.
+    pub pool: &'a str,
+    pub name: &'a str,
     pub label: &'a str,
     /// This client's address: a lock it holds (after a reconnect) is not someone else's.
     pub ours: &'a str,

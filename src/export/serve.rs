@@ -14,7 +14,7 @@ use super::state::{Phase, StateFile};
 use super::{
     Event, ExportArgs, DRAIN_WAIT, SESSION_WAIT, SHUTDOWN_LIMIT, WATCHDOG_PERIOD, WORKERS,
 };
-use crate::ceph::ceph_err;
+use crate::ceph::{ceph_err, liveness};
 use crate::ceph::sys::{self, OwnedImage, Rados};
 use crate::error::{Error, Result};
 
@@ -24,6 +24,9 @@ pub struct Owned {
     pub image: Arc<OwnedImage>,
     pub label: String,
     pub mountpoint: PathBuf,
+    /// Held until the lock is released: without it another host could declare this
+    /// one dead and fence it while it still owns the volume.
+    pub liveness: Option<liveness::Keeper>,
 }
 
 /// What exists of a mapping, for teardown.
@@ -209,6 +212,7 @@ impl Owned {
             rados,
             image: own_ref,
             label,
+            liveness,
             ..
         } = self;
         drop(own_ref);
@@ -236,6 +240,8 @@ impl Owned {
                     }
                 }
             }
+            // After the release: the watch is what keeps other hosts from fencing us.
+            drop(liveness);
             match Arc::try_unwrap(image) {
                 Ok(image) => drop(image),
                 Err(_) => {

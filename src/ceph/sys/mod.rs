@@ -285,9 +285,11 @@ pub(super) fn split_nul_list(bytes: &[u8]) -> Vec<String> {
 
 mod conn;
 mod image;
+mod watch;
 
 pub use conn::*;
 pub use image::*;
+pub use watch::*;
 
 #[cfg(test)]
 mod tests {

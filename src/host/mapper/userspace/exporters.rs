@@ -32,6 +32,8 @@ pub struct Exporters {
     /// `lock.fence_expiry`, handed to every exporter as `--fence-expiry`: how long a
     /// previous owner it takes a volume from stays blocklisted.
     pub fence_expiry: Duration,
+    /// `lock.liveness_timeout`, handed to every exporter as `--liveness-timeout`.
+    pub liveness_timeout: Duration,
 }
 
 const STOP_GRACE: Duration = Duration::from_secs(20);
@@ -144,6 +146,8 @@ impl Exporters {
         cmd.args([
             "--fence-expiry",
             &humantime::format_duration(self.fence_expiry).to_string(),
+            "--liveness-timeout",
+            &self.liveness_timeout.as_secs().to_string(),
         ]);
         let mut child = cmd
             .spawn()
