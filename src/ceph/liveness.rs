@@ -100,7 +100,9 @@ pub fn judge(
     ask: impl FnOnce() -> sys::Result<NotifyReply>,
 ) -> Liveness {
     let Some(bytes) = contents else {
-        return Liveness::Unknown("it published no liveness record (an older rbdvol, or a kernel mapping)".into());
+        return Liveness::Unknown(
+            "it published no liveness record (an older rbdvol, or a kernel mapping)".into(),
+        );
     };
     let Some(rec) = std::str::from_utf8(bytes).ok().and_then(Record::parse) else {
         return Liveness::Unknown("its liveness record is unreadable".into());
@@ -134,7 +136,9 @@ pub fn probe(pool: &Pool<'_>, image: &str, owner: &str) -> Liveness {
             "reading the liveness record failed ({})",
             e.describe()
         )),
-        Ok(contents) => judge(contents.as_deref(), owner, || pool.notify(&oid, NOTIFY_WAIT)),
+        Ok(contents) => judge(contents.as_deref(), owner, || {
+            pool.notify(&oid, NOTIFY_WAIT)
+        }),
     }
 }
 
@@ -269,35 +273,55 @@ mod tests {
         };
         assert_eq!(Record::parse(&r.encode()), Some(r));
         assert_eq!(Record::parse(""), None);
-        assert_eq!(Record::parse("rbdvol liveness 1\naddr=\nclient=client.1\ntimeout=5"), None);
-        assert_eq!(Record::parse("something else\naddr=a\nclient=client.1\ntimeout=5"), None);
+        assert_eq!(
+            Record::parse("rbdvol liveness 1\naddr=\nclient=client.1\ntimeout=5"),
+            None
+        );
+        assert_eq!(
+            Record::parse("something else\naddr=a\nclient=client.1\ntimeout=5"),
+            None
+        );
     }
 
     #[test]
     fn an_owner_without_a_record_falls_back_to_the_header_watch_rule() {
         assert!(matches!(judge(None, OWNER, never), Liveness::Unknown(_)));
-        assert!(matches!(judge(Some(b""), OWNER, never), Liveness::Unknown(_)));
+        assert!(matches!(
+            judge(Some(b""), OWNER, never),
+            Liveness::Unknown(_)
+        ));
     }
 
     #[test]
     fn a_record_of_another_client_proves_nothing_about_this_owner() {
         // The previous owner's record, left behind; the new owner is an older rbdvol.
         let rec = record("10.0.0.3:0/77");
-        assert!(matches!(judge(Some(&rec), OWNER, never), Liveness::Unknown(r) if r.contains("another client")));
+        assert!(
+            matches!(judge(Some(&rec), OWNER, never), Liveness::Unknown(r) if r.contains("another client"))
+        );
     }
 
     #[test]
     fn a_watching_owner_is_alive_whether_or_not_it_answered() {
         let rec = record(&format!("v2:{OWNER}"));
-        assert_eq!(judge(Some(&rec), OWNER, || reply(&[4242], &[])), Liveness::Alive);
-        assert_eq!(judge(Some(&rec), OWNER, || reply(&[1], &[4242])), Liveness::Alive);
+        assert_eq!(
+            judge(Some(&rec), OWNER, || reply(&[4242], &[])),
+            Liveness::Alive
+        );
+        assert_eq!(
+            judge(Some(&rec), OWNER, || reply(&[1], &[4242])),
+            Liveness::Alive
+        );
     }
 
     #[test]
     fn an_owner_whose_watch_is_gone_is_dead() {
         let rec = record(OWNER);
         let v = judge(Some(&rec), OWNER, || reply(&[1, 2], &[3]));
-        assert!(matches!(&v, Liveness::Gone(r) if r.contains("client.4242")), "{v:?}");
+        assert!(
+            matches!(&v, Liveness::Gone(r) if r.contains("client.4242")),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::{Event, Failure};
 use crate::ceph::ceph_err;
-use crate::ceph::liveness::{self, Liveness};
 use crate::ceph::images::same_client;
+use crate::ceph::liveness::{self, Liveness};
 use crate::ceph::sys::{Image, OwnedImage, Rados};
 use crate::error::{Error, Result};
 
@@ -109,7 +109,10 @@ pub fn acquire(
             let mut alive = Vec::new();
             for addr in &holders {
                 if !watchers.iter().any(|w| same_client(&w.addr, addr)) {
-                    dead.push((addr, "its watch on the image header has timed out".to_string()));
+                    dead.push((
+                        addr,
+                        "its watch on the image header has timed out".to_string(),
+                    ));
                     continue;
                 }
                 match liveness::probe(&pool, take.name, addr) {

@@ -33,8 +33,8 @@ use std::time::Duration;
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::ceph::{ceph_err, liveness};
 use crate::ceph::sys::{self, ConnectSpec, OwnedImage, Rados};
+use crate::ceph::{ceph_err, liveness};
 use crate::config::CephSettings;
 use crate::error::{Error, Result};
 use serve::{Owned, Parts, Serving};

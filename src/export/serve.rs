@@ -14,8 +14,8 @@ use super::state::{Phase, StateFile};
 use super::{
     Event, ExportArgs, DRAIN_WAIT, SESSION_WAIT, SHUTDOWN_LIMIT, WATCHDOG_PERIOD, WORKERS,
 };
-use crate::ceph::{ceph_err, liveness};
 use crate::ceph::sys::{self, OwnedImage, Rados};
+use crate::ceph::{ceph_err, liveness};
 use crate::error::{Error, Result};
 
 /// The image while we hold its lock.

@@ -68,7 +68,7 @@ pub fn in_use_message(volume: &str, owners: &[Owner], waited: Duration) -> Strin
         .find_map(|o| o.host.clone())
         .unwrap_or_else(|| "that host".into());
     format!(
-        "volume {volume} is in use on {}; waited {}s for it. It is released when {host} stops its containers using it; if {host} is down, the cluster declares it dead when its watch times out (30 s by default) and the next Mount takes the volume over, fencing {host}. To force it now: rbdvol lock break {volume}",
+        "volume {volume} is in use on {}; waited {}s for it. It is released when {host} stops its containers using it; if {host} is down or cut off, the next Mount declares it dead once its liveness watch times out (lock.liveness_timeout, 5 s by default; for a holder without one, an older rbdvol or a kernel mapping, once its watch on the image times out, osd_client_watch_timeout, 30 s by default) and takes the volume over, fencing {host} first. To force it now: rbdvol lock break {volume}",
         who.join(", "),
         waited.as_secs()
     )

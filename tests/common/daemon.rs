@@ -178,6 +178,14 @@ impl Daemon {
         stop_child(child, Duration::from_secs(10)).expect("waiting for rbdvol to exit")
     }
 
+    /// SIGKILL, as a crash or an upgrade that kills the process would; the exporters
+    /// it started live on. `restart` starts it again.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     pub fn restart(&mut self) {
         if self.child.is_some() {
             self.stop();

@@ -73,7 +73,10 @@ impl Watch {
         check(unsafe { rados::rados_ioctx_create(rados.handle, p.as_ptr(), &mut io) })?;
         let mut w = Watch {
             cookie: 0,
-            target: Box::new(AckTarget { io, oid: cstr(oid)? }),
+            target: Box::new(AckTarget {
+                io,
+                oid: cstr(oid)?,
+            }),
             timeout: timeout.as_secs().clamp(1, u32::MAX as u64) as u32,
             rados,
         };
