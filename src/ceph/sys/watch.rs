@@ -250,7 +250,8 @@ impl Pool<'_> {
             v
         };
         // ETIMEDOUT: some watcher did not answer; the reply still says who.
-        if rc < 0 && !(rc == -libc::ETIMEDOUT && !bytes.is_empty()) {
+        let answered = rc >= 0 || (rc == -libc::ETIMEDOUT && !bytes.is_empty());
+        if !answered {
             return Err(Errno(-rc));
         }
         NotifyReply::decode(&bytes).ok_or(Errno(libc::EBADMSG))
