@@ -200,6 +200,11 @@ struct Outcome {
     /// Writes acknowledged on the old host after the new one took over.
     double_writes: usize,
     acked: usize,
+    /// How the new host declared the old one dead: by its liveness watch, or by its
+    /// header watch timing out (the cluster's osd_client_watch_timeout).
+    by_liveness: bool,
+    /// Times the new (live) host's own liveness watch was lost while it served.
+    live_watch_lost: usize,
 }
 
 /// A writes continuously; A's I/O client dies (or A is cut off); B takes over.
@@ -259,6 +264,13 @@ fn takeover_trial(net: &TestNet, partition: bool, write_for: Duration) -> Outcom
     let acked = writer.acked();
     let lost = lost_records(&mp_b.join("log"), &acked);
     let double_writes = acked.iter().filter(|(_, t)| *t > took_over).count();
+    let log = std::fs::read_to_string(
+        b.state_dir()
+            .join(format!("exports/rbd/{name}/exporter.log")),
+    )
+    .unwrap_or_default();
+    let by_liveness = log.contains("liveness watch: the OSD has not heard");
+    let live_watch_lost = log.matches("the liveness watch was lost").count();
     b.unmount(&name, &mount_id(2));
     a.unmount(&name, &mount_id(1));
     assert_eq!(a.leftovers(), Vec::<String>::new(), "{}", a.log());
@@ -272,6 +284,8 @@ fn takeover_trial(net: &TestNet, partition: bool, write_for: Duration) -> Outcom
         lost,
         double_writes,
         acked: acked.len(),
+        by_liveness,
+        live_watch_lost,
     }
 }
 
@@ -462,31 +476,53 @@ fn randomized_takeover_trials() {
         seed ^= seed << 17;
         seed
     };
+    let watch_timeout = std::env::var("WATCH_TIMEOUT").unwrap_or_else(|_| "30".into());
     let (mut lost, mut doubles, mut times) = (0usize, 0usize, Vec::new());
+    let (mut by_liveness, mut live_lost) = (0usize, 0usize);
+    let mut kinds: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for t in 0..n {
         let partition = next() % 2 == 0;
         let write_for = Duration::from_millis(100 + next() % 2000);
         let o = takeover_trial(&net, partition, write_for);
         println!(
-            "trial {t}: {} after {write_for:?} of writing: takeover {:.2}s, {} acked, {} lost, {} double writes",
+            "trial {t}: {} after {write_for:?} of writing: takeover {:.2}s ({}), {} acked, {} lost, {} double writes, new owner's watch lost {} times",
             if partition { "partition" } else { "dead host" },
             o.takeover.as_secs_f64(),
+            if o.by_liveness { "liveness watch" } else { "header watch" },
             o.acked,
             o.lost.len(),
-            o.double_writes
+            o.double_writes,
+            o.live_watch_lost
         );
         lost += o.lost.len();
         doubles += o.double_writes;
+        by_liveness += o.by_liveness as usize;
+        live_lost += o.live_watch_lost;
         times.push(o.takeover.as_secs_f64());
+        kinds[partition as usize].push(o.takeover.as_secs_f64());
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    };
+    for (kind, v) in ["dead host", "partition"].iter().zip(kinds.iter_mut()) {
+        println!(
+            "summary {kind}: {} trials, takeover p50 {:.2}s p90 {:.2}s max {:.2}s",
+            v.len(),
+            pct(v, 0.5),
+            pct(v, 0.9),
+            pct(v, 1.0)
+        );
+    }
     println!(
-        "summary: {n} trials, double-writer incidents: {doubles}, lost acknowledged writes: {lost}, takeover p50 {:.2}s p90 {:.2}s p99 {:.2}s max {:.2}s (cluster watch timeout 5 s)",
-        pct(0.5),
-        pct(0.9),
-        pct(0.99),
-        times[times.len() - 1]
+        "summary: {n} trials, double-writer incidents: {doubles}, lost acknowledged writes: {lost}, takeover p50 {:.2}s p90 {:.2}s p99 {:.2}s max {:.2}s (cluster watch timeout {watch_timeout} s); declared dead by the liveness watch in {by_liveness}/{n}; live owners' liveness watch lost {live_lost} times",
+        pct(&mut times, 0.5),
+        pct(&mut times, 0.9),
+        pct(&mut times, 0.99),
+        pct(&mut times, 1.0)
     );
     assert_eq!((doubles, lost), (0, 0));
 }
