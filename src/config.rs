@@ -501,6 +501,19 @@ mod tests {
     }
 
     #[test]
+    fn the_liveness_timeout_is_off_or_outlasts_a_few_lost_pings() {
+        let mut s = Settings::default();
+        assert_eq!(s.lock.liveness_timeout, Duration::from_secs(5));
+        s.lock.liveness_timeout = Duration::from_secs(2);
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("lock.liveness_timeout"), "{err}");
+        s.lock.liveness_timeout = Duration::from_secs(31);
+        assert!(s.validate().is_err());
+        s.lock.liveness_timeout = Duration::ZERO;
+        s.validate().unwrap();
+    }
+
+    #[test]
     fn a_missing_named_file_is_an_error() {
         let err = Settings::load(Some(Path::new("/nonexistent/rbdvol.toml"))).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
