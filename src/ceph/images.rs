@@ -233,7 +233,15 @@ pub fn remove(rados: &Rados, pools: &[String], name: &str, how: Disposal) -> Res
         Disposal::Delete => io.remove_image(name),
     };
     match r {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            // Its liveness object (crate::ceph::liveness) goes with it; left behind it
+            // would only be a few bytes that a future volume of the name reuses.
+            let oid = super::liveness::object_name(name);
+            if let Err(e) = io.remove_object(&oid) {
+                tracing::debug!(object = %oid, error = %e.describe(), "could not remove the liveness object");
+            }
+            Ok(())
+        }
         Err(e) if is_enoent(&e) => Ok(()),
         // Someone opened it between the check and the removal: the cluster refused.
         Err(e) if e.0 == libc::EBUSY => Err(Error::InUse {

@@ -209,10 +209,13 @@ fn keep(mut watch: Watch, label: &str, record: &str, rx: mpsc::Receiver<()>) {
         }
         // The record is rewritten too: if someone else had taken the lock, this
         // client would be blocklisted and both calls fail.
-        match watch
-            .rewatch()
-            .and_then(|_| watch.write_full(record.as_bytes()))
-        {
+        let rewatched = match watch.rewatch() {
+            // The object was removed (its volume too, and a new one of the same name
+            // mapped here?): create it again, empty, before watching.
+            Err(e) if e.0 == libc::ENOENT => watch.write_full(b"").and_then(|_| watch.rewatch()),
+            r => r,
+        };
+        match rewatched.and_then(|_| watch.write_full(record.as_bytes())) {
             Ok(()) => {
                 broken = false;
                 tracing::info!(image = %label, "liveness watch re-established");

@@ -210,6 +210,16 @@ impl Pool<'_> {
         .map(|_| ())
     }
 
+    /// Removes an object; one that does not exist counts as removed.
+    pub fn remove_object(&self, oid: &str) -> Result<()> {
+        let o = cstr(oid)?;
+        // SAFETY: valid pool context and name.
+        match unsafe { rados::rados_remove(self.io, o.as_ptr()) } {
+            rc if rc == -libc::ENOENT => Ok(()),
+            rc => check(rc).map(|_| ()),
+        }
+    }
+
     /// Reads up to `max` bytes of an object; `None` if it does not exist.
     pub fn read_object(&self, oid: &str, max: usize) -> Result<Option<Vec<u8>>> {
         let o = cstr(oid)?;
