@@ -101,6 +101,18 @@ impl DefaultCluster {
             .collect()
     }
 
+    /// Whether object `oid` exists in pool rbd.
+    fn rados_stat(&self, oid: &str) -> bool {
+        Command::new("timeout")
+            .args(["-k", "5", "60", "rados", "-c"])
+            .arg(&self.conf)
+            .args(["-p", "rbd", "stat", oid])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
     fn host(&self, name: &str, env: &[(&str, &str)]) -> Daemon {
         Daemon::start(DaemonOpts {
             host_id: name.to_string(),
@@ -199,6 +211,11 @@ fn a_dead_hosts_volume_is_taken_over_long_before_the_clusters_watch_timeout() {
         b"acknowledged before the crash"
     );
     b.unmount(&name, &mount_id(2));
+    // The liveness object goes with the volume.
+    let oid = format!("rbdvol_alive.{name}");
+    assert!(c.rados_stat(&oid), "{oid} missing while the volume exists");
+    b.ok("VolumeDriver.Remove", &format!(r#"{{"Name":"{name}"}}"#));
+    assert!(!c.rados_stat(&oid), "{oid} left behind by Remove");
 }
 
 #[test]
