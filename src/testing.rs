@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,6 +65,9 @@ pub struct ClusterState {
     /// Every call fails as if the monitors could not be reached.
     pub unreachable: bool,
     pub fail_set_meta: bool,
+    /// Images a kernel client (krbd) holds the exclusive lock of: it refuses every
+    /// other client's write, metadata included.
+    pub kernel_locked: BTreeSet<String>,
     /// Images whose allocation map shows data.
     pub allocated: BTreeSet<String>,
     /// Create finds the name taken by a concurrent Create (another host) with these facts.
@@ -174,7 +177,7 @@ impl ClusterOps for FakeCluster {
     async fn set_meta(&self, _pool: &str, name: &str, changes: MetaChanges) -> Result<()> {
         self.reachable()?;
         let mut s = lock(&self.state);
-        if s.fail_set_meta {
+        if s.fail_set_meta || s.kernel_locked.contains(name) {
             return Err(Error::Ceph {
                 op: format!("writing metadata of {name}"),
                 errno: libc::EROFS,
@@ -369,6 +372,11 @@ pub struct MapperState {
     pub fail_unmap: bool,
     /// How long a map takes (a lock wait).
     pub map_delay: Duration,
+    /// A krbd fake's writable mappings hold this cluster's image locks the way the
+    /// kernel client does (see [`ClusterState::kernel_locked`]).
+    pub locks_in: Option<Arc<FakeCluster>>,
+    /// Every map gets a new device (what was written to the last one is not there).
+    pub new_device_each_map: bool,
     /// Health to report instead of "mapped or not".
     pub health: HashMap<String, Health>,
     pub unrecorded: Vec<(String, String)>,
@@ -425,7 +433,7 @@ impl Mapper for FakeMapper {
             });
         }
         let key = format!("{}/{}", req.pool, req.image);
-        let device = match s.devices.get(&key) {
+        let device = match s.devices.get(&key).filter(|_| !s.new_device_each_map) {
             Some(d) => d.clone(),
             None => {
                 s.next += 1;
@@ -434,6 +442,17 @@ impl Mapper for FakeMapper {
         };
         s.devices.insert(key.clone(), device.clone());
         s.mapped.insert(key, device.clone());
+        if let Some(c) = s
+            .locks_in
+            .as_ref()
+            .filter(|_| self.kind == MapperKind::Krbd)
+        {
+            if !req.read_only {
+                c.set(|cs| {
+                    cs.kernel_locked.insert(req.image.clone());
+                });
+            }
+        }
         Ok(Mapping {
             kind: self.kind,
             device,
@@ -452,6 +471,11 @@ impl Mapper for FakeMapper {
         }
         s.unmaps.push(mapping.device.clone());
         s.mapped.remove(&format!("{}/{}", req.pool, req.image));
+        if let Some(c) = &s.locks_in {
+            c.set(|cs| {
+                cs.kernel_locked.remove(&req.image);
+            });
+        }
         Ok(())
     }
 
@@ -478,5 +502,9 @@ impl Mapper for FakeMapper {
 
     fn fenced_client(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
         lock(&self.state).fenced_client.clone()
+    }
+
+    fn refuses_peer_writes(&self) -> bool {
+        self.kind == MapperKind::Krbd
     }
 }

@@ -115,6 +115,10 @@ impl Mapper for Krbd {
         device_health(req, mapping, krbd_identity(&self.sysfs, &mapping.device))
     }
 
+    fn refuses_peer_writes(&self) -> bool {
+        true
+    }
+
     async fn kernel_mappings(&self) -> Result<Vec<KernelMapping>> {
         if !self.sysfs.exists() {
             return Ok(Vec::new());

@@ -114,6 +114,13 @@ pub trait Mapper: Send + Sync {
     fn fenced_client(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
         None
     }
+    /// Whether, while a writable mapping holds the image's exclusive lock, every other
+    /// client's write to the image (its metadata included) is refused. librbd lock
+    /// owners (rbd-nbd, rbdvol's exporter) carry out such requests for their peers; the
+    /// kernel client does not, so the daemon's own writes fail with EROFS.
+    fn refuses_peer_writes(&self) -> bool {
+        false
+    }
 }
 
 /// Refuses to release a block device that anything still holds: a mount of it in any
