@@ -68,6 +68,8 @@ pub struct ClusterState {
     /// Images a kernel client (krbd) holds the exclusive lock of: it refuses every
     /// other client's write, metadata included.
     pub kernel_locked: BTreeSet<String>,
+    /// What `messenger` answers (default: msgr2-only monitors, Ceph's default modes).
+    pub messenger: Option<crate::ceph::ops::Messenger>,
     /// Images whose allocation map shows data.
     pub allocated: BTreeSet<String>,
     /// Create finds the name taken by a concurrent Create (another host) with these facts.
@@ -195,6 +197,23 @@ impl ClusterOps for FakeCluster {
             };
         }
         Ok(())
+    }
+
+    async fn messenger(&self) -> Result<crate::ceph::ops::Messenger> {
+        self.reachable()?;
+        Ok(lock(&self.state)
+            .messenger
+            .clone()
+            .unwrap_or_else(|| crate::ceph::ops::Messenger {
+                mon_v1: false,
+                mon_v2: true,
+                client_mode: "crc secure".into(),
+                other_modes: vec![
+                    "secure crc".into(),
+                    "crc secure".into(),
+                    "secure crc".into(),
+                ],
+            }))
     }
 
     async fn has_data(&self, _pool: &str, name: &str) -> Result<bool> {
@@ -377,6 +396,8 @@ pub struct MapperState {
     pub locks_in: Option<Arc<FakeCluster>>,
     /// Every map gets a new device (what was written to the last one is not there).
     pub new_device_each_map: bool,
+    /// The `ms_mode` of every map request.
+    pub ms_modes: Vec<Option<String>>,
     /// Health to report instead of "mapped or not".
     pub health: HashMap<String, Health>,
     pub unrecorded: Vec<(String, String)>,
@@ -426,6 +447,7 @@ impl Mapper for FakeMapper {
         tokio::time::sleep(delay).await;
         let mut s = lock(&self.state);
         s.maps += 1;
+        s.ms_modes.push(req.ms_mode.clone());
         if s.fail_map {
             return Err(Error::Command {
                 program: "map".into(),

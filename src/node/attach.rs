@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::host::fs::{Content, Probe};
 use crate::host::mapper::{
-    Exporters, Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace,
+    msgr, Exporters, Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace,
 };
 use crate::host::ops::HostOps;
 use crate::volume::fsopts::{self, StoredFs};
@@ -129,6 +129,8 @@ pub struct Attacher {
     pub pools: Vec<String>,
     /// Kernel maps under way, so a crash's leftover mapping can be told from others.
     pub intents: Intents,
+    /// `map.ms_mode`: "auto" or the kernel messenger mode krbd maps with.
+    pub ms_mode: String,
 }
 
 fn now() -> String {
@@ -155,6 +157,8 @@ impl Attacher {
             host_id: self.host_id.clone(),
             lock_wait: self.takeover_wait,
             mountpoint: self.mountpoint(pool, name),
+            ms_mode: None,
+            ms_mode_why: String::new(),
         }
     }
 
@@ -170,7 +174,7 @@ impl Attacher {
         // anyone with write access to the pool could have changed since Create.
         let stored = fsopts::check_stored(&facts.meta)?;
         let read_only = stored.read_only;
-        let req = self.request(&facts.pool, name, read_only, facts.stat.features);
+        let mut req = self.request(&facts.pool, name, read_only, facts.stat.features);
         let mountpoint = self.mountpoint(&facts.pool, name);
         self.host.create_dir(&mountpoint)?;
         if self.host.mounted_at(&mountpoint)?.is_some() {
@@ -178,6 +182,9 @@ impl Attacher {
             self.host.umount(&mountpoint).await?;
         }
         let mapper = self.mappers.get(self.mappers.chosen);
+        if mapper.kind() == MapperKind::Krbd {
+            (req.ms_mode, req.ms_mode_why) = self.ms_mode().await?;
+        }
         let kernel = mapper.kind() != MapperKind::Userspace;
         if kernel {
             self.intents.begin(&facts.pool, name)?;
@@ -225,6 +232,25 @@ impl Attacher {
                 .undo(facts, &req, mapper.as_ref(), Some(mapping), e)
                 .await),
         }
+    }
+
+    /// The messenger mode krbd maps with, and why: from the config, or from the
+    /// cluster's monitors and settings (read at each map: they may change).
+    async fn ms_mode(&self) -> Result<(Option<String>, String)> {
+        let facts = if self.ms_mode == "auto" {
+            let m = self.cluster.messenger().await?;
+            msgr::Messenger {
+                mon_v1: m.mon_v1,
+                mon_v2: m.mon_v2,
+                client_mode: m.client_mode,
+                other_modes: m.other_modes,
+            }
+        } else {
+            msgr::Messenger::default()
+        };
+        let (mode, why) = msgr::choose(&self.ms_mode, &facts);
+        tracing::info!(ms_mode = mode.as_deref().unwrap_or("legacy (kernel default)"), reason = %why, "krbd messenger mode");
+        Ok((mode, why))
     }
 
     /// Undoes a Mount that failed after mapping: unmounts and unmaps whatever is left,

@@ -13,6 +13,7 @@
 
 mod kernel_map;
 mod krbd;
+pub mod msgr;
 mod nbd;
 pub mod userspace;
 
@@ -60,6 +61,10 @@ pub struct MapRequest {
     /// Where the node mounts the image: copies of that mount in other namespaces are
     /// not uses of the device.
     pub mountpoint: PathBuf,
+    /// krbd only: the messenger mode to map with (None: the kernel's default, v1) and
+    /// why it was chosen (see [`msgr`]).
+    pub ms_mode: Option<String>,
+    pub ms_mode_why: String,
 }
 
 /// A live mapping, as persisted in the reference table.
@@ -200,6 +205,8 @@ pub(crate) mod fixtures {
             host_id: "h".into(),
             lock_wait: Duration::from_secs(30),
             mountpoint: "/var/lib/rbdvol/mounts/rbd/pg-data".into(),
+            ms_mode: None,
+            ms_mode_why: String::new(),
         }
     }
 }

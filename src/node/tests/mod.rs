@@ -87,6 +87,7 @@ fn node_on(
             state_dir: dir.join("state"),
             dockerd_pid_file: dir.join("docker.pid"),
             sees_all_processes: sees_all,
+            ms_mode: "auto".into(),
         },
         cluster,
         host,
@@ -467,6 +468,9 @@ async fn under_krbd_the_marks_are_written_while_the_image_is_unmapped() {
     assert!(w.cluster.meta("v", "first-mapped").is_some());
     assert_eq!(w.host.state.lock().unwrap().mkfs.len(), 1, "formatted once");
     assert_eq!(w.mapper.maps(), 2, "mapped again after the marks");
+    // The fake cluster's monitors speak msgr2 only.
+    let modes = w.mapper.state.lock().unwrap().ms_modes.clone();
+    assert_eq!(modes, vec![Some("prefer-crc".to_string()); 2]);
     // The next Mount has nothing to mark: one map, no detour.
     w.node.unmount("v", &id(1)).await.unwrap();
     w.assert_released("v");
