@@ -68,6 +68,8 @@ pub struct ClusterState {
     /// Images a kernel client (krbd) holds the exclusive lock of: it refuses every
     /// other client's write, metadata included.
     pub kernel_locked: BTreeSet<String>,
+    /// Client addresses on the OSD blocklist.
+    pub blocklist: BTreeSet<String>,
     /// What `messenger` answers (default: msgr2-only monitors, Ceph's default modes).
     pub messenger: Option<crate::ceph::ops::Messenger>,
     /// Images whose allocation map shows data.
@@ -197,6 +199,11 @@ impl ClusterOps for FakeCluster {
             };
         }
         Ok(())
+    }
+
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool> {
+        self.reachable()?;
+        Ok(lock(&self.state).blocklist.contains(addr))
     }
 
     async fn messenger(&self) -> Result<crate::ceph::ops::Messenger> {
@@ -396,6 +403,8 @@ pub struct MapperState {
     pub locks_in: Option<Arc<FakeCluster>>,
     /// Every map gets a new device (what was written to the last one is not there).
     pub new_device_each_map: bool,
+    /// What `client_addr` answers.
+    pub client_addr: Option<String>,
     /// The `ms_mode` of every map request.
     pub ms_modes: Vec<Option<String>>,
     /// Health to report instead of "mapped or not".
@@ -528,5 +537,9 @@ impl Mapper for FakeMapper {
 
     fn refuses_peer_writes(&self) -> bool {
         self.kind == MapperKind::Krbd
+    }
+
+    fn client_addr(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
+        lock(&self.state).client_addr.clone()
     }
 }

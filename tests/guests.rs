@@ -2,9 +2,9 @@
 //! guests running Debian's kernel; these machines have no rbd or nbd module), each
 //! guest an rbdvol host running this tree's binary. Run by `integration/guest`, which
 //! prepares the guests' kernel, network and cluster; `integration/test` runs it
-//! whenever QEMU can run. The guests stay up across scenarios (a boot costs ~10-20 s
-//! under TCG); each scenario prints its wall time. Performance under TCG proves
-//! nothing: these tests check behaviour only.
+//! whenever QEMU can run. The guests stay up across scenarios (a boot costs ~10-30 s
+//! under TCG), so the scenarios run in order in one test, each printing its wall
+//! time. Performance under TCG proves nothing: these tests check behaviour only.
 
 mod common;
 
@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::guest::{Guest, GuestEnv};
 use common::*;
+
+/// Settings of every daemon in a guest: a Mount refused by a live holder answers
+/// soon (the test cluster's watch timeout is 5 s).
+const DAEMON_ENV: &[(&str, &str)] = &[("RBDVOL_LOCK__TAKEOVER_WAIT", "20s")];
 
 fn timed(name: &str, f: impl FnOnce()) {
     let started = Instant::now();
@@ -22,14 +26,206 @@ fn timed(name: &str, f: impl FnOnce()) {
     );
 }
 
+fn md5_of(g: &Guest, file: &str) -> String {
+    g.sh(&format!("md5sum < {file}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Writes `mib` MiB of random data to `file` and fsyncs it; returns its md5.
+fn write_synced(g: &Guest, file: &str, mib: u32) -> String {
+    g.sh(&format!(
+        "dd if=/dev/urandom of={file} bs=1M count={mib} conv=fsync status=none"
+    ));
+    md5_of(g, file)
+}
+
+fn assert_nothing_left(g: &Guest, volume: &str) {
+    let maps = g.kernel_mappings();
+    if maps.contains(volume) || maps.contains("nbd ") {
+        g.fail(&format!("{volume}: a kernel mapping was left: {maps}"));
+    }
+    let mounts = g.mounts();
+    if mounts.contains(volume) {
+        g.fail(&format!("{volume}: a mount was left: {mounts}"));
+    }
+}
+
+/// Create, Mount (the daemon's mapper), write and fsync, Unmount, Mount again, read
+/// back; the image is marked formatted and nothing is left mapped.
+fn round_trip(g: &Guest, kind: &str) {
+    let v = unique(&format!("{kind}rt"));
+    g.create(&v, r#"{"size":"128M"}"#);
+    let mp = g.mount(&v, &mount_id(1));
+    let maps = g.kernel_mappings();
+    let expected = if kind == "krbd" {
+        format!("rbd rbd/{v}")
+    } else {
+        "nbd ".to_string()
+    };
+    if !maps.contains(&expected) {
+        g.fail(&format!("{v} is not mapped by {kind}: {maps}"));
+    }
+    let sum = write_synced(g, &format!("{mp}/data"), 4);
+    g.unmount(&v, &mount_id(1));
+    assert_nothing_left(g, &v);
+    let marker = image_meta("rbd", &v, "rbdvol.formatted")
+        .unwrap_or_else(|| g.fail(&format!("{v} carries no rbdvol.formatted marker")));
+    assert!(marker.starts_with("ext4 by guest"), "{marker}");
+    let mp = g.mount(&v, &mount_id(2));
+    assert_eq!(md5_of(g, &format!("{mp}/data")), sum, "{v}: data read back");
+    g.unmount(&v, &mount_id(2));
+    assert_nothing_left(g, &v);
+}
+
+fn krbd_chosen_automatically(g: &Guest) {
+    g.start_daemon("auto", DAEMON_ENV);
+    let log = g.daemon_log();
+    let chosen = log
+        .lines()
+        .find(|l| l.contains("mapper chosen automatically"))
+        .unwrap_or_else(|| g.fail("the daemon did not say which mapper it chose"));
+    assert!(
+        chosen.contains("krbd") && chosen.contains("rbd module"),
+        "{chosen}"
+    );
+    round_trip(g, "krbd");
+    // The test cluster's monitors speak msgr2 only.
+    let log = g.daemon_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("krbd messenger mode") && l.contains("prefer-crc")),
+        "no ms_mode choice in the log:\n{log}"
+    );
+}
+
+fn nbd_round_trip(g: &Guest) {
+    g.kill_daemon("TERM");
+    g.start_daemon("nbd", DAEMON_ENV);
+    round_trip(g, "nbd");
+    g.kill_daemon("TERM");
+    g.start_daemon("auto", DAEMON_ENV);
+}
+
+/// A second guest's Mount is refused naming the holder; it succeeds once the first
+/// unmounts.
+fn second_guest_refused_then_served(g1: &Guest, g2: &Guest) {
+    let v = unique("held");
+    g1.create(&v, r#"{"size":"128M"}"#);
+    let mp = g1.mount(&v, &mount_id(1));
+    let sum = write_synced(g1, &format!("{mp}/data"), 1);
+    let started = Instant::now();
+    let err = g2.err("VolumeDriver.Mount", &Guest::mount_body(&v, &mount_id(2)));
+    println!(
+        "  refused in {:.1} s: {err}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        err.contains("in use") && err.contains(&g1.addr),
+        "the refusal does not name {}: {err}",
+        g1.addr
+    );
+    assert_nothing_left(g2, &v);
+    g1.unmount(&v, &mount_id(1));
+    let mp = g2.mount(&v, &mount_id(2));
+    assert_eq!(md5_of(g2, &format!("{mp}/data")), sum);
+    g2.unmount(&v, &mount_id(2));
+    assert_nothing_left(g2, &v);
+}
+
+/// Mounts on `g` until it succeeds (a dead holder is declared dead after the watch
+/// timeout); returns the mountpoint and how long it took.
+fn mount_until_taken_over(g: &Guest, v: &str, id: &str, within: Duration) -> (String, f64) {
+    let started = Instant::now();
+    loop {
+        let r = g.call("VolumeDriver.Mount", &Guest::mount_body(v, id));
+        match r["Err"].as_str() {
+            None | Some("") => {
+                let mp = r["Mountpoint"].as_str().unwrap().to_string();
+                return (mp, started.elapsed().as_secs_f64());
+            }
+            Some(e) if started.elapsed() < within => {
+                println!("  not yet: {e}");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Some(e) => g.fail(&format!("{v} was not taken over within {within:?}: {e}")),
+        }
+    }
+}
+
+/// The holder's QEMU is killed: the other guest takes the volume over after the watch
+/// timeout, and every write acknowledged by fsync is there.
+fn dead_guest_taken_over(g1: &mut Guest, g2: &Guest) {
+    let v = unique("dead");
+    g1.create(&v, r#"{"size":"128M"}"#);
+    let mp = g1.mount(&v, &mount_id(1));
+    let sums: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            let f = format!("f{i}");
+            let s = write_synced(g1, &format!("{mp}/{f}"), 2);
+            (f, s)
+        })
+        .collect();
+    g1.kill();
+    let (mp, secs) = mount_until_taken_over(g2, &v, &mount_id(2), Duration::from_secs(90));
+    println!("  taken over {secs:.1} s after the holder was killed");
+    for (f, s) in &sums {
+        assert_eq!(&md5_of(g2, &format!("{mp}/{f}")), s, "{v}/{f}");
+    }
+    g2.unmount(&v, &mount_id(2));
+    assert_nothing_left(g2, &v);
+    g1.reboot();
+    g1.start_daemon("auto", DAEMON_ENV);
+}
+
 #[test]
 #[ignore = "guest VM tier: run by integration/guest (integration/test runs it when QEMU can run)"]
 fn kernel_mappers_in_guests() {
     let Some(env) = GuestEnv::from_env() else {
         panic!("RBDVOL_GUEST_* is not set: run this tier with integration/guest");
     };
+    println!("guest kernel {}", env.release);
     let started = Instant::now();
-    let g1 = Guest::boot(&env, 0);
-    println!("{}", g1.kernel_mappings());
-    let _ = (Duration::from_secs(1), started, timed as fn(&str, fn()));
+    let (e1, e2) = (env.clone(), env.clone());
+    let b1 = std::thread::spawn(move || Guest::boot(&e1, 0));
+    let b2 = std::thread::spawn(move || Guest::boot(&e2, 1));
+    let mut g1 = b1.join().expect("booting guest1");
+    let g2 = b2.join().expect("booting guest2");
+    println!(
+        "SCENARIO boot two guests: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    timed("krbd end to end, auto chooses krbd", || {
+        krbd_chosen_automatically(&g1)
+    });
+    timed("nbd end to end", || nbd_round_trip(&g1));
+    g2.start_daemon("auto", DAEMON_ENV);
+    timed("second guest refused, then served", || {
+        second_guest_refused_then_served(&g1, &g2)
+    });
+    timed("dead guest taken over", || {
+        dead_guest_taken_over(&mut g1, &g2)
+    });
+    println!(
+        "guest tier: {:.1} s in all",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// For debugging the tier: boots one guest and runs the shell commands in
+/// `RBDVOL_GUEST_SHELL` (one per line), printing what each printed.
+/// `integration/guest guest_shell` with the variable set.
+#[test]
+#[ignore = "a developer's tool: run by integration/guest with RBDVOL_GUEST_SHELL set"]
+fn guest_shell() {
+    let (Some(env), Ok(cmds)) = (GuestEnv::from_env(), std::env::var("RBDVOL_GUEST_SHELL")) else {
+        return;
+    };
+    let g = Guest::boot(&env, 0);
+    for cmd in cmds.lines().filter(|l| !l.trim().is_empty()) {
+        let (rc, out) = g.sh_rc(cmd);
+        println!("$ {cmd}\n{out}[exit {rc}]");
+    }
 }

@@ -41,6 +41,8 @@ pub trait ClusterOps: Send + Sync {
     async fn unblocklist(&self, addr: &str) -> Result<()>;
     /// The monitors' messengers and the ms_*_mode settings (for krbd's `ms_mode`).
     async fn messenger(&self) -> Result<Messenger>;
+    /// Whether the client instance `addr` is on the OSD blocklist (fenced).
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool>;
 }
 
 /// The monitors' messengers (from the monmap) and this client's `ms_*_mode` settings.
@@ -169,6 +171,14 @@ impl ClusterOps for Cluster {
             .await
     }
 
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool> {
+        let a = addr.to_string();
+        self.run("reading the blocklist", SHORT_DEADLINE, move |r| {
+            images::blocklisted_until(r, &a).map(|u| u.is_some())
+        })
+        .await
+    }
+
     async fn unblocklist(&self, addr: &str) -> Result<()> {
         let a = addr.to_string();
         self.run("cleaning the blocklist", SHORT_DEADLINE, move |r| {
@@ -250,6 +260,10 @@ impl ClusterOps for Remembering {
 
     async fn messenger(&self) -> Result<Messenger> {
         self.inner.messenger().await
+    }
+
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool> {
+        self.inner.is_blocklisted(addr).await
     }
 }
 

@@ -63,7 +63,9 @@ const AGENT: &str = r#"#!/bin/sh
 S=/run/share
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . $S/guest.env
-for m in rbd nbd ext4 xfs; do modprobe $m || echo "GUEST: modprobe $m failed"; done
+# The guest kernel's modules are in the unpacked package on the host (KDIR), not in
+# the host's /lib/modules; the initramfs loaded only what reaches the host's root.
+for m in rbd nbd ext4 xfs; do modprobe -d $KDIR $m || echo "GUEST: modprobe $m failed"; done
 ip link set lo up
 ip addr add $ADDR/24 dev eth0
 ip link set eth0 up
@@ -126,9 +128,15 @@ impl Guest {
         let mut keyring = None;
         let mut out = String::new();
         for line in conf.lines() {
-            if let Some(k) = line.trim().strip_prefix("keyring = ") {
+            let l = line.trim();
+            if let Some(k) = l.strip_prefix("keyring = ") {
                 keyring = Some(k.to_string());
                 out.push_str("keyring = /run/share/ceph/keyring\n");
+            } else if l.starts_with("run dir = ") {
+                // The cluster's directory is not in the guest (its /tmp is its own);
+                // rbd-nbd aborts when it cannot make its run dir.
+                out.push_str("run dir = /run/ceph\ncrash dir = /run/ceph/crash\n");
+            } else if l.starts_with("crash dir = ") {
             } else {
                 out.push_str(line);
                 out.push('\n');
@@ -143,7 +151,18 @@ impl Guest {
         std::fs::write(self.share.join("agent.sh"), AGENT).unwrap();
         std::fs::write(
             self.share.join("guest.env"),
-            format!("ADDR={}\nGATEWAY={}\n", self.addr, self.env.gateway()),
+            format!(
+                "ADDR={}\nGATEWAY={}\nKDIR={}\n",
+                self.addr,
+                self.env.gateway(),
+                self.env
+                    .modules
+                    .parent()
+                    .unwrap()
+                    .parent()
+                    .unwrap()
+                    .display()
+            ),
         )
         .unwrap();
         self.serial = self
@@ -163,10 +182,7 @@ impl Guest {
             .arg("-initrd")
             .arg(&self.env.initrd)
             .arg("-append")
-            .arg(format!(
-                "console=ttyS0 panic=-1 loglevel=4 rvk.modules={}",
-                self.env.modules.display()
-            ))
+            .arg("console=ttyS0 panic=-1 loglevel=4")
             .arg("-virtfs")
             .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
             .arg("-virtfs")
@@ -244,9 +260,8 @@ impl Guest {
         let started = Instant::now();
         while started.elapsed() < deadline {
             if let Ok(code) = std::fs::read_to_string(&rc) {
-                let out =
-                    std::fs::read_to_string(self.share.join("out").join(format!("{id}.out")))
-                        .unwrap_or_default();
+                let out = std::fs::read_to_string(self.share.join("out").join(format!("{id}.out")))
+                    .unwrap_or_default();
                 return Some((code.trim().parse().unwrap_or(-1), out));
             }
             std::thread::sleep(Duration::from_millis(50));

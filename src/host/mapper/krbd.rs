@@ -127,6 +127,19 @@ impl Mapper for Krbd {
         true
     }
 
+    /// From sysfs (`client_addr`), for a device that still maps this image.
+    fn client_addr(&self, req: &MapRequest, mapping: &Mapping) -> Option<String> {
+        let k = krbd_identity(&self.sysfs, &mapping.device)?;
+        if !k.is(&req.pool, &req.image) {
+            return None;
+        }
+        let id = mapping.device.file_name()?.to_str()?.strip_prefix("rbd")?;
+        let addr = std::fs::read_to_string(self.sysfs.join("devices").join(id).join("client_addr"));
+        addr.ok()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+    }
+
     async fn kernel_mappings(&self) -> Result<Vec<KernelMapping>> {
         if !self.sysfs.exists() {
             return Ok(Vec::new());

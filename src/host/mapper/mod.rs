@@ -126,6 +126,12 @@ pub trait Mapper: Send + Sync {
     fn refuses_peer_writes(&self) -> bool {
         false
     }
+    /// The mapping's client instance address (`IP:PORT/NONCE`), where the mapper
+    /// cannot tell by itself that it was fenced: the node then looks for it on the
+    /// OSD blocklist.
+    fn client_addr(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
+        None
+    }
 }
 
 /// Refuses to release a block device that anything still holds: a mount of it in any

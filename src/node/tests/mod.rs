@@ -524,3 +524,21 @@ async fn under_krbd_a_volume_changed_while_unmapped_is_not_mounted() {
     assert!(err.contains("changed while it was unmapped"), "{err}");
     w.assert_released("v");
 }
+
+#[tokio::test]
+async fn a_kernel_mapping_whose_client_is_blocklisted_is_fenced() {
+    // krbd says nothing when it is blocklisted; the blocklist does.
+    let w = krbd_world(vec![fresh("rbd", "v")]);
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.mapper
+        .set(|s| s.client_addr = Some("192.168.151.11:0/2735839371".into()));
+    w.node.check_fencing(None).await;
+    assert!(!w.node.attached("v").unwrap().fenced, "not blocklisted yet");
+    w.cluster.set(|s| {
+        s.blocklist.insert("192.168.151.11:0/2735839371".into());
+    });
+    w.node.check_fencing(None).await;
+    assert!(w.node.attached("v").unwrap().fenced);
+    let err = w.node.mount("v", &id(2)).await.unwrap_err().to_string();
+    assert!(err.contains("fenced"), "{err}");
+}
