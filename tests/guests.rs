@@ -180,6 +180,146 @@ fn dead_guest_taken_over(g1: &mut Guest, g2: &Guest) {
     g1.start_daemon("auto", DAEMON_ENV);
 }
 
+/// The holder's QEMU is stopped past the watch timeout: the other guest takes over;
+/// resumed, the first guest's kernel client is blocklisted, its writes fail, it never
+/// writes again, and its daemon notices and reports it.
+fn frozen_guest_fenced(g1: &mut Guest, g2: &Guest) {
+    let v = unique("frozen");
+    g1.create(&v, r#"{"size":"128M"}"#);
+    let mp1 = g1.mount(&v, &mount_id(1));
+    let sum = write_synced(g1, &format!("{mp1}/before"), 1);
+    g1.freeze();
+    std::thread::sleep(Duration::from_secs(8));
+    let taken = mount_until_taken_over(g2, &v, &mount_id(2), Duration::from_secs(90));
+    println!("  taken over from the frozen guest in {:.1} s", taken.1);
+    let mp2 = taken.0;
+    g1.thaw();
+    let (rc, out) = g1.sh_rc(&format!(
+        "timeout 90 dd if=/dev/urandom of={mp1}/after bs=1M count=1 conv=fsync status=none"
+    ));
+    println!("  write on the fenced guest: exit {rc}: {}", out.trim());
+    if rc == 0 {
+        g1.fail("a write and fsync on the fenced guest succeeded");
+    }
+    // Its daemon notices (it checks every 5 s) and says so, in the log and in Get.
+    let started = Instant::now();
+    loop {
+        let log = g1.daemon_log();
+        if log.lines().any(|l| l.contains("FENCED") && l.contains(&v)) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            g1.fail("the fenced guest's daemon did not report the fencing");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let err = g1.err("VolumeDriver.Mount", &Guest::mount_body(&v, &mount_id(3)));
+    assert!(err.contains("fenced"), "{err}");
+    // The new holder sees the data from before, and nothing from the fenced guest.
+    assert_eq!(md5_of(g2, &format!("{mp2}/before")), sum);
+    g2.unmount(&v, &mount_id(2));
+    let mp2 = g2.mount(&v, &mount_id(4));
+    assert_eq!(md5_of(g2, &format!("{mp2}/before")), sum);
+    let (rc, _) = g2.sh_rc(&format!("test -e {mp2}/after"));
+    assert_ne!(rc, 0, "the fenced guest's write landed");
+    g2.unmount(&v, &mount_id(4));
+    // Docker's Unmount on the fenced guest releases what is left there.
+    let r = g1.call("VolumeDriver.Unmount", &Guest::mount_body(&v, &mount_id(1)));
+    println!("  Unmount on the fenced guest: {r}");
+    g1.reboot();
+    g1.start_daemon("auto", DAEMON_ENV);
+}
+
+/// Breaking one volume's lock (an operator's `rbd lock rm`) fences that volume only:
+/// the guest's other kernel-mapped volume stays writable (`noshare`).
+fn noshare_blast_radius(g: &Guest) {
+    let (a, b) = (unique("nsa"), unique("nsb"));
+    g.create(&a, r#"{"size":"128M"}"#);
+    g.create(&b, r#"{"size":"128M"}"#);
+    let mpa = g.mount(&a, &mount_id(1));
+    let mpb = g.mount(&b, &mount_id(2));
+    let (ok, out) = rbd(&["lock", "ls", &format!("rbd/{a}"), "--format", "json"]);
+    assert!(ok, "{out}");
+    let locks: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let l = &locks[0];
+    let (id, locker) = (l["id"].as_str().unwrap(), l["locker"].as_str().unwrap());
+    let (ok, out) = rbd(&["lock", "rm", &format!("rbd/{a}"), id, locker]);
+    assert!(ok, "rbd lock rm: {out}");
+    let (rc, _) = g.sh_rc(&format!(
+        "timeout 90 dd if=/dev/urandom of={mpa}/x bs=1M count=1 conv=fsync status=none"
+    ));
+    assert_ne!(rc, 0, "{a}: a write after its lock was broken succeeded");
+    let sum = write_synced(g, &format!("{mpb}/x"), 1);
+    assert_eq!(md5_of(g, &format!("{mpb}/x")), sum);
+    g.unmount(&b, &mount_id(2));
+    assert_nothing_left(g, &b);
+    let _ = g.call("VolumeDriver.Unmount", &Guest::mount_body(&a, &mount_id(1)));
+}
+
+/// A volume with a feature the guest kernel's rbd module cannot map gets an error
+/// that names the feature and the fix, before anything is mapped.
+fn kernel_feature_refused(g: &Guest) {
+    let supported = g.sh("cat /sys/bus/rbd/supported_features");
+    println!("  /sys/bus/rbd/supported_features: {}", supported.trim());
+    let v = unique("journal");
+    g.create(
+        &v,
+        r#"{"size":"128M","features":"layering,exclusive-lock,journaling"}"#,
+    );
+    let err = g.err("VolumeDriver.Mount", &Guest::mount_body(&v, &mount_id(1)));
+    assert!(
+        err.contains("journaling") && err.contains("rbd feature disable") && err.contains("nbd"),
+        "{err}"
+    );
+    assert_nothing_left(g, &v);
+}
+
+/// Kills the daemon at every crash point (with `mapper`), restarting it for the next
+/// one: after each restart nothing is left mapped or mounted, and at the end the
+/// volume mounts with its data and its last Unmount leaves no mapping, mount or lock.
+fn crash_reconcile(g: &Guest, mapper: &str) {
+    let v = unique(&format!("crash{mapper}"));
+    let mount = |id: u32| Guest::mount_body(&v, &mount_id(id));
+    let restart = |point: &str| {
+        let _ = g.sh("p=$(cat /run/share/daemon.pid); kill -0 $p 2>/dev/null && kill -9 $p; true");
+        let mut env = DAEMON_ENV.to_vec();
+        env.push(("RBDVOL_CRASH_AT", point));
+        g.start_daemon(mapper, &env);
+        assert_nothing_left(g, &v);
+    };
+    let crash = |endpoint: &str, body: &str| {
+        let (rc, out) = g.sh_rc(&format!(
+            "printf '%s' '{body}' | curl -sS --max-time 150 --unix-socket {} --data-binary @- http://plugin/{endpoint}",
+            common::guest::SOCKET
+        ));
+        if rc == 0 {
+            g.fail(&format!("{endpoint} answered instead of crashing: {out}"));
+        }
+    };
+    restart("mount:after-map");
+    g.create(&v, r#"{"size":"128M"}"#);
+    crash("VolumeDriver.Mount", &mount(1));
+    for point in ["mount:after-mkfs", "mount:after-mount"] {
+        restart(point);
+        crash("VolumeDriver.Mount", &mount(1));
+    }
+    restart("unmount:after-umount");
+    let mp = g.mount(&v, &mount_id(1));
+    let sum = write_synced(g, &format!("{mp}/kept"), 1);
+    crash("VolumeDriver.Unmount", &mount(1));
+    restart("unmount:after-unmap");
+    let mp = g.mount(&v, &mount_id(2));
+    assert_eq!(md5_of(g, &format!("{mp}/kept")), sum);
+    crash("VolumeDriver.Unmount", &mount(2));
+    restart("");
+    let mp = g.mount(&v, &mount_id(3));
+    assert_eq!(md5_of(g, &format!("{mp}/kept")), sum);
+    g.unmount(&v, &mount_id(3));
+    assert_nothing_left(g, &v);
+    let holders = lock_holders("rbd", &v);
+    assert!(holders.is_empty(), "{v}: locks left: {holders:?}");
+}
+
 #[test]
 #[ignore = "guest VM tier: run by integration/guest (integration/test runs it when QEMU can run)"]
 fn kernel_mappers_in_guests() {
@@ -207,6 +347,15 @@ fn kernel_mappers_in_guests() {
     });
     timed("dead guest taken over", || {
         dead_guest_taken_over(&mut g1, &g2)
+    });
+    timed("frozen guest fenced", || frozen_guest_fenced(&mut g1, &g2));
+    timed("noshare blast radius", || noshare_blast_radius(&g1));
+    timed("kernel feature refused", || kernel_feature_refused(&g1));
+    timed("crash reconcile, krbd and nbd (one guest each)", || {
+        std::thread::scope(|s| {
+            s.spawn(|| crash_reconcile(&g1, "krbd"));
+            s.spawn(|| crash_reconcile(&g2, "nbd"));
+        })
     });
     println!(
         "guest tier: {:.1} s in all",

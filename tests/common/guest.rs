@@ -345,7 +345,7 @@ exit 1
     /// Asserts success (no Err) and returns the response.
     pub fn ok(&self, endpoint: &str, body: &str) -> Value {
         let v = self.call(endpoint, body);
-        if !v.get("Err").is_none_or(|e| e.as_str() == Some("")) {
+        if v.get("Err").is_some_and(|e| e.as_str() != Some("")) {
             self.fail(&format!("{endpoint} {body} failed: {v}"));
         }
         v
