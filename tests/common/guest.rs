@@ -65,7 +65,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . $S/guest.env
 # The guest kernel's modules are in the unpacked package on the host (KDIR), not in
 # the host's /lib/modules; the initramfs loaded only what reaches the host's root.
-for m in rbd nbd ext4 xfs; do modprobe -d $KDIR $m || echo "GUEST: modprobe $m failed"; done
+for m in $MODULES; do modprobe -d $KDIR $m || echo "GUEST: modprobe $m failed"; done
 ip link set lo up
 ip addr add $ADDR/24 dev eth0
 ip link set eth0 up
@@ -93,14 +93,16 @@ pub struct Guest {
     pub serial: PathBuf,
     env: GuestEnv,
     index: usize,
+    modules: String,
     qemu: Option<Child>,
     seq: AtomicU32,
     boots: u32,
 }
 
 impl Guest {
-    /// Boots guest `index` (0-based: its tap and address) and waits for its agent.
-    pub fn boot(env: &GuestEnv, index: usize) -> Guest {
+    /// Boots guest `index` (0-based: its tap and address), with the kernel modules
+    /// `modules` loaded (e.g. "rbd ext4 xfs"), and waits for its agent.
+    pub fn boot(env: &GuestEnv, index: usize, modules: &str) -> Guest {
         let name = format!("guest{}", index + 1);
         let mut g = Guest {
             addr: format!("{}.{}", env.net, 11 + index),
@@ -109,6 +111,7 @@ impl Guest {
             name,
             env: env.clone(),
             index,
+            modules: modules.to_string(),
             qemu: None,
             seq: AtomicU32::new(0),
             boots: 0,
@@ -152,9 +155,10 @@ impl Guest {
         std::fs::write(
             self.share.join("guest.env"),
             format!(
-                "ADDR={}\nGATEWAY={}\nKDIR={}\n",
+                "ADDR={}\nGATEWAY={}\nMODULES='{}'\nKDIR={}\n",
                 self.addr,
                 self.env.gateway(),
+                self.modules,
                 self.env
                     .modules
                     .parent()
