@@ -83,6 +83,11 @@ pub struct MapSettings {
     /// "auto" (krbd if the kernel has it, else nbd, else userspace), "krbd", "nbd" or
     /// "userspace".
     pub mapper: String,
+    /// The kernel RBD client's messenger mode (`-o ms_mode=`): "auto" (legacy v1 when
+    /// the monitors offer it, else prefer-crc or prefer-secure, or secure when the
+    /// cluster's ms_*_mode settings require encryption), or "legacy", "crc",
+    /// "secure", "prefer-crc", "prefer-secure". Anything but legacy needs Linux 5.11.
+    pub ms_mode: String,
     /// A volume whose remaining references are all at least this old, and whose
     /// filesystem no container's mount namespace holds, is released (references that
     /// Docker will never Unmount: a Mount whose answer it never got, a dockerd crash).
@@ -152,6 +157,7 @@ impl Default for MapSettings {
     fn default() -> Self {
         MapSettings {
             mapper: "auto".into(),
+            ms_mode: "auto".into(),
             orphan_grace: Duration::from_secs(90),
         }
     }
@@ -319,6 +325,13 @@ impl Settings {
             return Err(Error::Config(format!(
                 "map.mapper {:?}: use \"auto\", \"krbd\", \"nbd\" or \"userspace\"",
                 self.map.mapper
+            )));
+        }
+        if !crate::host::mapper::msgr::SETTINGS.contains(&self.map.ms_mode.as_str()) {
+            return Err(Error::Config(format!(
+                "map.ms_mode {:?}: use one of {}",
+                self.map.ms_mode,
+                crate::host::mapper::msgr::SETTINGS.join(", ")
             )));
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(100)).contains(&self.map.orphan_grace) {

@@ -102,6 +102,7 @@ fn backends(settings: &Settings, cluster: Arc<Cluster>) -> Result<Backends> {
             state_dir: settings.state_dir.clone(),
             dockerd_pid_file: "/var/run/docker.pid".into(),
             sees_all_processes: rbdvol::node::sees_all_processes(),
+            ms_mode: settings.map.ms_mode.clone(),
         },
         cluster.clone(),
         Arc::new(RealHost),

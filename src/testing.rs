@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,6 +65,13 @@ pub struct ClusterState {
     /// Every call fails as if the monitors could not be reached.
     pub unreachable: bool,
     pub fail_set_meta: bool,
+    /// Images a kernel client (krbd) holds the exclusive lock of: it refuses every
+    /// other client's write, metadata included.
+    pub kernel_locked: BTreeSet<String>,
+    /// Client addresses on the OSD blocklist.
+    pub blocklist: BTreeSet<String>,
+    /// What `messenger` answers (default: msgr2-only monitors, Ceph's default modes).
+    pub messenger: Option<crate::ceph::ops::Messenger>,
     /// Images whose allocation map shows data.
     pub allocated: BTreeSet<String>,
     /// Create finds the name taken by a concurrent Create (another host) with these facts.
@@ -174,7 +181,7 @@ impl ClusterOps for FakeCluster {
     async fn set_meta(&self, _pool: &str, name: &str, changes: MetaChanges) -> Result<()> {
         self.reachable()?;
         let mut s = lock(&self.state);
-        if s.fail_set_meta {
+        if s.fail_set_meta || s.kernel_locked.contains(name) {
             return Err(Error::Ceph {
                 op: format!("writing metadata of {name}"),
                 errno: libc::EROFS,
@@ -192,6 +199,28 @@ impl ClusterOps for FakeCluster {
             };
         }
         Ok(())
+    }
+
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool> {
+        self.reachable()?;
+        Ok(lock(&self.state).blocklist.contains(addr))
+    }
+
+    async fn messenger(&self) -> Result<crate::ceph::ops::Messenger> {
+        self.reachable()?;
+        Ok(lock(&self.state)
+            .messenger
+            .clone()
+            .unwrap_or_else(|| crate::ceph::ops::Messenger {
+                mon_v1: false,
+                mon_v2: true,
+                client_mode: "crc secure".into(),
+                other_modes: vec![
+                    "secure crc".into(),
+                    "crc secure".into(),
+                    "secure crc".into(),
+                ],
+            }))
     }
 
     async fn has_data(&self, _pool: &str, name: &str) -> Result<bool> {
@@ -369,6 +398,15 @@ pub struct MapperState {
     pub fail_unmap: bool,
     /// How long a map takes (a lock wait).
     pub map_delay: Duration,
+    /// A krbd fake's writable mappings hold this cluster's image locks the way the
+    /// kernel client does (see [`ClusterState::kernel_locked`]).
+    pub locks_in: Option<Arc<FakeCluster>>,
+    /// Every map gets a new device (what was written to the last one is not there).
+    pub new_device_each_map: bool,
+    /// What `client_addr` answers.
+    pub client_addr: Option<String>,
+    /// The `ms_mode` of every map request.
+    pub ms_modes: Vec<Option<String>>,
     /// Health to report instead of "mapped or not".
     pub health: HashMap<String, Health>,
     pub unrecorded: Vec<(String, String)>,
@@ -418,6 +456,7 @@ impl Mapper for FakeMapper {
         tokio::time::sleep(delay).await;
         let mut s = lock(&self.state);
         s.maps += 1;
+        s.ms_modes.push(req.ms_mode.clone());
         if s.fail_map {
             return Err(Error::Command {
                 program: "map".into(),
@@ -425,7 +464,7 @@ impl Mapper for FakeMapper {
             });
         }
         let key = format!("{}/{}", req.pool, req.image);
-        let device = match s.devices.get(&key) {
+        let device = match s.devices.get(&key).filter(|_| !s.new_device_each_map) {
             Some(d) => d.clone(),
             None => {
                 s.next += 1;
@@ -434,6 +473,17 @@ impl Mapper for FakeMapper {
         };
         s.devices.insert(key.clone(), device.clone());
         s.mapped.insert(key, device.clone());
+        if let Some(c) = s
+            .locks_in
+            .as_ref()
+            .filter(|_| self.kind == MapperKind::Krbd)
+        {
+            if !req.read_only {
+                c.set(|cs| {
+                    cs.kernel_locked.insert(req.image.clone());
+                });
+            }
+        }
         Ok(Mapping {
             kind: self.kind,
             device,
@@ -452,6 +502,11 @@ impl Mapper for FakeMapper {
         }
         s.unmaps.push(mapping.device.clone());
         s.mapped.remove(&format!("{}/{}", req.pool, req.image));
+        if let Some(c) = &s.locks_in {
+            c.set(|cs| {
+                cs.kernel_locked.remove(&req.image);
+            });
+        }
         Ok(())
     }
 
@@ -478,5 +533,13 @@ impl Mapper for FakeMapper {
 
     fn fenced_client(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
         lock(&self.state).fenced_client.clone()
+    }
+
+    fn refuses_peer_writes(&self) -> bool {
+        self.kind == MapperKind::Krbd
+    }
+
+    fn client_addr(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
+        lock(&self.state).client_addr.clone()
     }
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use super::images::{self, Created, Disposal, ImageFacts};
 use super::sys::CreateSpec;
 use super::Cluster;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Docker gives Create and Mount 2 minutes, everything else 1 minute; stay inside.
 pub const LONG_DEADLINE: Duration = Duration::from_secs(100);
@@ -39,6 +39,72 @@ pub trait ClusterOps: Send + Sync {
     async fn has_data(&self, pool: &str, name: &str) -> Result<bool>;
     /// Removes a blocklist entry of a client that is gone for good.
     async fn unblocklist(&self, addr: &str) -> Result<()>;
+    /// The monitors' messengers and the ms_*_mode settings (for krbd's `ms_mode`).
+    async fn messenger(&self) -> Result<Messenger>;
+    /// Whether the client instance `addr` is on the OSD blocklist (fenced).
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool>;
+}
+
+/// The monitors' messengers (from the monmap) and this client's `ms_*_mode` settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Messenger {
+    pub mon_v1: bool,
+    pub mon_v2: bool,
+    /// `ms_client_mode`.
+    pub client_mode: String,
+    /// `ms_mon_client_mode`, `ms_service_mode`, `ms_mon_service_mode`.
+    pub other_modes: Vec<String>,
+}
+
+/// Reads the monitors' address kinds from `mon dump --format json`.
+fn mon_kinds(monmap_json: &str) -> Result<(bool, bool)> {
+    let v: serde_json::Value = serde_json::from_str(monmap_json).map_err(|e| Error::Ceph {
+        op: "reading the monitor map".into(),
+        errno: libc::EINVAL,
+        detail: e.to_string(),
+    })?;
+    let (mut v1, mut v2) = (false, false);
+    for mon in v["mons"].as_array().into_iter().flatten() {
+        for a in mon["public_addrs"]["addrvec"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            match a["type"].as_str() {
+                Some("v1") => v1 = true,
+                Some("v2") => v2 = true,
+                _ => {}
+            }
+        }
+    }
+    Ok((v1, v2))
+}
+
+/// Reads [`Messenger`] through the daemon's connection: `mon dump` (which `profile rbd`
+/// allows) and the configuration values.
+fn messenger(rados: &super::sys::Rados) -> Result<Messenger> {
+    let cmd = serde_json::json!({ "prefix": "mon dump", "format": "json" }).to_string();
+    let (out, _) = rados.mon_command(&cmd).map_err(|(e, status)| Error::Ceph {
+        op: "reading the monitor map".into(),
+        errno: e.0,
+        detail: format!("{} {status}", e.describe()),
+    })?;
+    let (mon_v1, mon_v2) = mon_kinds(&out)?;
+    let get = |k: &str| {
+        rados
+            .conf_get(k)
+            .map_err(|e| super::ceph_err(format!("reading the setting {k}"), e))
+    };
+    Ok(Messenger {
+        mon_v1,
+        mon_v2,
+        client_mode: get("ms_client_mode")?,
+        other_modes: vec![
+            get("ms_mon_client_mode")?,
+            get("ms_service_mode")?,
+            get("ms_mon_service_mode")?,
+        ],
+    })
 }
 
 #[async_trait]
@@ -96,6 +162,19 @@ impl ClusterOps for Cluster {
         let (pool, name) = (pool.to_string(), name.to_string());
         self.run("reading the allocation map", LONG_DEADLINE, move |r| {
             images::has_data(r, &pool, &name)
+        })
+        .await
+    }
+
+    async fn messenger(&self) -> Result<Messenger> {
+        self.run("reading the messenger settings", SHORT_DEADLINE, messenger)
+            .await
+    }
+
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool> {
+        let a = addr.to_string();
+        self.run("reading the blocklist", SHORT_DEADLINE, move |r| {
+            images::blocklisted_until(r, &a).map(|u| u.is_some())
         })
         .await
     }
@@ -177,5 +256,27 @@ impl ClusterOps for Remembering {
 
     async fn unblocklist(&self, addr: &str) -> Result<()> {
         self.inner.unblocklist(addr).await
+    }
+
+    async fn messenger(&self) -> Result<Messenger> {
+        self.inner.messenger().await
+    }
+
+    async fn is_blocklisted(&self, addr: &str) -> Result<bool> {
+        self.inner.is_blocklisted(addr).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monmap_says_which_messengers_the_monitors_speak() {
+        let v2only = r#"{"epoch":1,"mons":[{"rank":0,"name":"a","public_addrs":{"addrvec":[{"type":"v2","addr":"192.168.150.1:40000","nonce":0}]}}]}"#;
+        assert_eq!(mon_kinds(v2only).unwrap(), (false, true));
+        let both = r#"{"mons":[{"public_addrs":{"addrvec":[{"type":"v2","addr":"10.0.0.1:3300","nonce":0},{"type":"v1","addr":"10.0.0.1:6789","nonce":0}]}}]}"#;
+        assert_eq!(mon_kinds(both).unwrap(), (true, true));
+        assert!(mon_kinds("not json").is_err());
     }
 }

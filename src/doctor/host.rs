@@ -59,14 +59,10 @@ pub fn features_verdict(defaults: &str, supported_hex: Option<&str>) -> Check {
     }
 }
 
-/// (major, minor) of a kernel release like "6.1.0-13-amd64".
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
+pub use crate::host::mapper::msgr::kernel_version;
 
 /// The messenger the monitors speak (from `mon_host`) against the kernel client's:
-/// v2-only monitors need `ms_mode` (kernel 5.11 and later); krbd maps without it.
+/// v2-only monitors need `ms_mode` (kernel 5.11 and later), which krbd maps with.
 pub fn ms_mode_verdict(mon_host: &str, kernel: Option<(u32, u32)>, krbd: bool) -> Check {
     let name = "host: messenger (ms_mode)";
     let has_v1 = mon_host.contains("v1:")
@@ -86,7 +82,7 @@ pub fn ms_mode_verdict(mon_host: &str, kernel: Option<(u32, u32)>, krbd: bool) -
         );
     }
     match kernel {
-        Some(k) if k >= (5, 11) => Check::warn(name, format!("the monitors speak only msgr2 ({mon_host}); the kernel can (ms_mode=prefer-crc or secure) but krbd maps without ms_mode"), "give the monitors v1 addresses too, or use map.mapper = \"nbd\" or \"userspace\""),
+        Some(k) if k >= (5, 11) => Check::ok(name, format!("the monitors speak only msgr2 ({mon_host}); this kernel's client can, and krbd maps with ms_mode (map.ms_mode)")),
         _ => Check::fail(name, format!("the monitors speak only msgr2 ({mon_host}) and this kernel is older than 5.11, whose client cannot"), "give the monitors v1 addresses, upgrade the kernel, or use map.mapper = \"nbd\" or \"userspace\""),
     }
 }
@@ -303,7 +299,7 @@ mod tests {
             ms_mode_verdict(v2, Some((4, 19)), true).status,
             Status::Fail
         );
-        assert_eq!(ms_mode_verdict(v2, Some((6, 1)), true).status, Status::Warn);
+        assert_eq!(ms_mode_verdict(v2, Some((6, 1)), true).status, Status::Ok);
         assert_eq!(ms_mode_verdict(v2, Some((4, 19)), false).status, Status::Ok);
     }
 

@@ -11,12 +11,13 @@ use std::time::{Duration, SystemTime};
 use super::reconcile::Intents;
 use super::refs::ActiveVolume;
 use crate::ceph::images::ImageFacts;
+use crate::ceph::ops::MetaChanges;
 use crate::ceph::ClusterOps;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::host::fs::{Content, Probe};
 use crate::host::mapper::{
-    Exporters, Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace,
+    msgr, Exporters, Health, Krbd, MapRequest, Mapper, MapperKind, Mapping, Nbd, Userspace,
 };
 use crate::host::ops::HostOps;
 use crate::volume::fsopts::{self, StoredFs};
@@ -128,6 +129,8 @@ pub struct Attacher {
     pub pools: Vec<String>,
     /// Kernel maps under way, so a crash's leftover mapping can be told from others.
     pub intents: Intents,
+    /// `map.ms_mode`: "auto" or the kernel messenger mode krbd maps with.
+    pub ms_mode: String,
 }
 
 fn now() -> String {
@@ -154,6 +157,8 @@ impl Attacher {
             host_id: self.host_id.clone(),
             lock_wait: self.takeover_wait,
             mountpoint: self.mountpoint(pool, name),
+            ms_mode: None,
+            ms_mode_why: String::new(),
         }
     }
 
@@ -169,7 +174,7 @@ impl Attacher {
         // anyone with write access to the pool could have changed since Create.
         let stored = fsopts::check_stored(&facts.meta)?;
         let read_only = stored.read_only;
-        let req = self.request(&facts.pool, name, read_only, facts.stat.features);
+        let mut req = self.request(&facts.pool, name, read_only, facts.stat.features);
         let mountpoint = self.mountpoint(&facts.pool, name);
         self.host.create_dir(&mountpoint)?;
         if self.host.mounted_at(&mountpoint)?.is_some() {
@@ -177,6 +182,9 @@ impl Attacher {
             self.host.umount(&mountpoint).await?;
         }
         let mapper = self.mappers.get(self.mappers.chosen);
+        if mapper.kind() == MapperKind::Krbd {
+            (req.ms_mode, req.ms_mode_why) = self.ms_mode().await?;
+        }
         let kernel = mapper.kind() != MapperKind::Userspace;
         if kernel {
             self.intents.begin(&facts.pool, name)?;
@@ -192,11 +200,24 @@ impl Attacher {
         };
         tracing::info!(volume = name, device = %mapping.device.display(), mapper = mapping.kind.name(), "mapped");
         crash_point("mount:after-map");
+        let mounted = match self.prepare(facts, &stored, &mapping).await {
+            Ok((fstype, marks)) => self
+                .mark(facts, &req, mapper.as_ref(), mapping, &fstype, marks)
+                .await
+                .map(|mapping| (fstype, mapping)),
+            Err(e) => Err((e, Some(mapping))),
+        };
+        let (fstype, mapping) = match mounted {
+            Ok(done) => done,
+            Err((e, mapping)) => {
+                return Err(self.undo(facts, &req, mapper.as_ref(), mapping, e).await)
+            }
+        };
         match self
-            .format_and_mount(facts, &stored, &mapping, &mountpoint)
+            .mount(facts, &stored, &fstype, &mapping, &mountpoint)
             .await
         {
-            Ok(fstype) => Ok(ActiveVolume {
+            Ok(()) => Ok(ActiveVolume {
                 pool: facts.pool.clone(),
                 mountpoint,
                 mapping,
@@ -207,28 +228,124 @@ impl Attacher {
                 refs: BTreeMap::new(),
                 fenced: false,
             }),
-            Err(e) => {
-                if matches!(self.host.mounted_at(&mountpoint), Ok(Some(_))) {
-                    let _ = self.host.umount(&mountpoint).await;
-                }
-                match mapper.unmap(&req, &mapping).await {
-                    Ok(()) => self.intents.end(&facts.pool, name),
-                    Err(undo) => {
-                        tracing::error!(volume = name, error = %undo, "could not unmap after a failed mount")
-                    }
-                }
-                Err(e)
-            }
+            Err(e) => Err(self
+                .undo(facts, &req, mapper.as_ref(), Some(mapping), e)
+                .await),
         }
     }
 
-    async fn format_and_mount(
+    /// The messenger mode krbd maps with, and why: from the config, or from the
+    /// cluster's monitors and settings (read at each map: they may change).
+    async fn ms_mode(&self) -> Result<(Option<String>, String)> {
+        let facts = if self.ms_mode == "auto" {
+            let m = self.cluster.messenger().await?;
+            msgr::Messenger {
+                mon_v1: m.mon_v1,
+                mon_v2: m.mon_v2,
+                client_mode: m.client_mode,
+                other_modes: m.other_modes,
+            }
+        } else {
+            msgr::Messenger::default()
+        };
+        let (mode, why) = msgr::choose(&self.ms_mode, &facts);
+        tracing::info!(ms_mode = mode.as_deref().unwrap_or("legacy (kernel default)"), reason = %why, "krbd messenger mode");
+        Ok((mode, why))
+    }
+
+    /// Undoes a Mount that failed after mapping: unmounts and unmaps whatever is left,
+    /// and returns the error that made it fail.
+    async fn undo(
+        &self,
+        facts: &ImageFacts,
+        req: &MapRequest,
+        mapper: &dyn Mapper,
+        mapping: Option<Mapping>,
+        e: Error,
+    ) -> Error {
+        let name = facts.name.as_str();
+        if matches!(self.host.mounted_at(&req.mountpoint), Ok(Some(_))) {
+            let _ = self.host.umount(&req.mountpoint).await;
+        }
+        let undone = match &mapping {
+            Some(m) => mapper.unmap(req, m).await,
+            None => Ok(()),
+        };
+        match undone {
+            Ok(()) => self.intents.end(&facts.pool, name),
+            Err(undo) => {
+                tracing::error!(volume = name, error = %undo, "could not unmap after a failed mount")
+            }
+        }
+        e
+    }
+
+    /// Writes the marks `prepare` asked for and returns the mapping to mount. A kernel
+    /// client holding the exclusive lock refuses every other client's write to the
+    /// image, metadata included (librbd owners serve such requests for their peers; the
+    /// kernel does not), so under krbd the image is unmapped for the write and mapped
+    /// again, and must then still show the filesystem just made or found. The marks
+    /// say only what is already true, so a crash or a lost lock in between leaves a
+    /// volume that the next Mount treats exactly as before: it finds the filesystem
+    /// and marks it then. On failure, the mapping still held (if any) comes back with
+    /// the error.
+    async fn mark(
+        &self,
+        facts: &ImageFacts,
+        req: &MapRequest,
+        mapper: &dyn Mapper,
+        mapping: Mapping,
+        fstype: &str,
+        marks: MetaChanges,
+    ) -> std::result::Result<Mapping, (Error, Option<Mapping>)> {
+        let name = facts.name.as_str();
+        if marks.is_empty() {
+            return Ok(mapping);
+        }
+        if !mapper.refuses_peer_writes() || req.read_only {
+            // One metadata update for every mark (each opens the image). A read-only
+            // kernel mapping holds no lock, so it refuses nobody.
+            return match self.cluster.set_meta(&facts.pool, name, marks).await {
+                Ok(()) => Ok(mapping),
+                Err(e) => Err((e, Some(mapping))),
+            };
+        }
+        if let Err(e) = mapper.unmap(req, &mapping).await {
+            return Err((e, Some(mapping)));
+        }
+        tracing::info!(
+            volume = name,
+            "writing the volume's marks with the image unmapped (the kernel client's lock refuses other writers)"
+        );
+        if let Err(e) = self.cluster.set_meta(&facts.pool, name, marks).await {
+            return Err((e, None));
+        }
+        let mapping = match mapper.map(req).await {
+            Ok(m) => m,
+            Err(e) => return Err((e, None)),
+        };
+        match self.host.probe(&mapping.device).await {
+            Ok(Probe::Signature(t)) if t == fstype => Ok(mapping),
+            Ok(other) => Err((
+                Error::NotSupported(format!(
+                    "volume {name} changed while it was unmapped to record its {fstype} filesystem: it now holds {}; another host may have used it. Mount it again",
+                    other.describe()
+                )),
+                Some(mapping),
+            )),
+            Err(e) => Err((e, Some(mapping))),
+        }
+    }
+
+    /// Probes the mapped device and decides: checks a filesystem found (and asks to
+    /// mark it), or formats a provably blank volume (and asks to mark that). Returns
+    /// the filesystem type and the metadata marks to write.
+    async fn prepare(
         &self,
         facts: &ImageFacts,
         stored: &StoredFs,
         mapping: &Mapping,
-        mountpoint: &Path,
-    ) -> Result<String> {
+    ) -> Result<(String, MetaChanges)> {
         let name = facts.name.as_str();
         let read_only = stored.read_only;
         let declared = stored.fstype.clone();
@@ -241,7 +358,7 @@ impl Attacher {
             _ => Content::Zeros,
         };
         let marker = record.formatted.as_deref();
-        let mut marks: Vec<(&'static str, Option<String>)> = Vec::new();
+        let mut marks: MetaChanges = Vec::new();
         let fstype = match decide(name, &found, &content, marker, read_only) {
             FormatDecision::Refuse(why) => return Err(Error::NotSupported(why)),
             FormatDecision::Mount { fstype } => {
@@ -285,16 +402,27 @@ impl Attacher {
         if record.first_mapped.is_none() {
             marks.push((key::FIRST_MAPPED, Some(now())));
         }
-        // One metadata update for both marks (each opens the image).
-        if !marks.is_empty() {
-            self.cluster.set_meta(&facts.pool, name, marks).await?;
-        }
+        Ok((fstype, marks))
+    }
+
+    /// Mounts the prepared device under the plugin-owned mountpoint.
+    async fn mount(
+        &self,
+        facts: &ImageFacts,
+        stored: &StoredFs,
+        fstype: &str,
+        mapping: &Mapping,
+        mountpoint: &Path,
+    ) -> Result<()> {
+        let name = facts.name.as_str();
+        let device = &mapping.device;
+        let read_only = stored.read_only;
         // The options were checked for the declared type; the type found may differ
         // (ext2 and ext3 are mounted by the ext4 driver and take its options).
         let family = if fstype.starts_with("ext") {
             "ext4"
         } else {
-            &fstype
+            fstype
         };
         let user_options = fsopts::check_mount(family, &stored.mount_options).map_err(|why| {
             Error::InvalidOption {
@@ -305,18 +433,14 @@ impl Attacher {
                 ),
             }
         })?;
-        let options = crate::host::fs::mount_options(
-            &fstype,
-            &user_options,
-            read_only,
-            stored.allow_suid_dev,
-        );
+        let options =
+            crate::host::fs::mount_options(fstype, &user_options, read_only, stored.allow_suid_dev);
         self.host
-            .mount(device, mountpoint, &fstype, &options)
+            .mount(device, mountpoint, fstype, &options)
             .await?;
         crash_point("mount:after-mount");
         tracing::info!(volume = name, mountpoint = %mountpoint.display(), fstype = %fstype, options = %options, "mounted");
-        Ok(fstype)
+        Ok(())
     }
 
     /// Unmounts and unmaps. A busy filesystem, or a device something else still

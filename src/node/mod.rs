@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub dockerd_pid_file: PathBuf,
     /// Whether every process on the host is visible (orphans are judged only then).
     pub sees_all_processes: bool,
+    /// `map.ms_mode` (krbd's messenger mode).
+    pub ms_mode: String,
 }
 
 /// A volume as mounted on this host, for Get and List.
@@ -91,6 +93,7 @@ impl Node {
             intents: reconcile::Intents {
                 dir: cfg.state_dir.join("intents"),
             },
+            ms_mode: cfg.ms_mode.clone(),
         };
         Ok(Node {
             cfg,

@@ -38,12 +38,21 @@ impl Node {
         };
         for (name, v) in candidates {
             let req = self.attacher.request_for(&name, &v);
-            let health = self
-                .attacher
-                .mappers
-                .get(v.mapping.kind)
-                .health(&req, &v.mapping)
-                .await;
+            let mapper = self.attacher.mappers.get(v.mapping.kind);
+            let mut health = mapper.health(&req, &v.mapping).await;
+            // The kernel client does not say that it was blocklisted: its client
+            // instance's address on the OSD blocklist does.
+            if health == Health::Serving {
+                if let Some(addr) = mapper.client_addr(&req, &v.mapping) {
+                    match self.cluster.is_blocklisted(&addr).await {
+                        Ok(true) => health = Health::Fenced,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(volume = %name, error = %e, "could not read the blocklist")
+                        }
+                    }
+                }
+            }
             if health == Health::Fenced {
                 tracing::error!(
                     volume = %name,

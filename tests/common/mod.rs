@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod conn;
 pub mod daemon;
 pub mod e2e;
+pub mod guest;
 pub mod host;
 pub mod net;
 pub mod nodes;

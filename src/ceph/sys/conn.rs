@@ -69,6 +69,25 @@ impl Rados {
             .map_err(|e| (format!("setting {key}"), e))
     }
 
+    /// A configuration value as this client sees it (its conf file, plus what the
+    /// monitors' central configuration gave it on connect).
+    pub fn conf_get(&self, key: &str) -> Result<String> {
+        let k = cstr(key)?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: valid handle and key; librados writes at most `buf.len()` bytes,
+        // NUL-terminated.
+        check(unsafe {
+            rados::rados_conf_get(
+                self.handle,
+                k.as_ptr(),
+                buf.as_mut_ptr() as *mut c_char,
+                buf.len(),
+            )
+        })?;
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
     /// This client's address as the OSDs see it (what a blocklist entry names).
     pub fn addrs(&self) -> Result<String> {
         let mut out: *mut c_char = ptr::null_mut();

@@ -42,11 +42,15 @@ pub struct Krbd {
 impl Krbd {
     /// `exclusive` disables the cooperative lock hand-over (a live owner is never
     /// preempted); `noshare` gives each mapping its own client instance, so a takeover
-    /// fences one image, not every volume on the host; `noudev` where udev is absent.
+    /// fences one image, not every volume on the host; `noudev` where udev is absent;
+    /// `ms_mode` where the cluster needs msgr2 (see [`super::msgr`]).
     pub fn map_argv(&self, req: &MapRequest, udev: bool) -> Vec<String> {
-        let mut opts = vec!["exclusive", "noshare"];
+        let mut opts = vec!["exclusive".to_string(), "noshare".to_string()];
         if !udev {
-            opts.push("noudev");
+            opts.push("noudev".into());
+        }
+        if let Some(mode) = &req.ms_mode {
+            opts.push(format!("ms_mode={mode}"));
         }
         let mut a: Vec<String> = ["device", "map", "-t", "krbd", "-o"]
             .map(String::from)
@@ -97,6 +101,10 @@ impl Mapper for Krbd {
         if missing != 0 {
             return Err(unsupported_features_error(req, missing, supported));
         }
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        super::msgr::check_kernel(req.ms_mode.as_deref(), &req.ms_mode_why, &release)?;
         rbd_map(MapperKind::Krbd, self.map_argv(req, udev_running())).await
     }
 
@@ -113,6 +121,23 @@ impl Mapper for Krbd {
 
     async fn health(&self, req: &MapRequest, mapping: &Mapping) -> Health {
         device_health(req, mapping, krbd_identity(&self.sysfs, &mapping.device))
+    }
+
+    fn refuses_peer_writes(&self) -> bool {
+        true
+    }
+
+    /// From sysfs (`client_addr`), for a device that still maps this image.
+    fn client_addr(&self, req: &MapRequest, mapping: &Mapping) -> Option<String> {
+        let k = krbd_identity(&self.sysfs, &mapping.device)?;
+        if !k.is(&req.pool, &req.image) {
+            return None;
+        }
+        let id = mapping.device.file_name()?.to_str()?.strip_prefix("rbd")?;
+        let addr = std::fs::read_to_string(self.sysfs.join("devices").join(id).join("client_addr"));
+        addr.ok()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
     }
 
     async fn kernel_mappings(&self) -> Result<Vec<KernelMapping>> {
@@ -137,6 +162,14 @@ mod tests {
         assert_eq!(
             k.map_argv(&req(false), false).join(" "),
             "device map -t krbd -o exclusive,noshare,noudev --cluster ceph --id docker -c /etc/ceph/ceph.conf --keyring /etc/ceph/k rbd/pg-data"
+        );
+        let v2 = MapRequest {
+            ms_mode: Some("prefer-crc".into()),
+            ..req(false)
+        };
+        assert_eq!(
+            k.map_argv(&v2, true).join(" "),
+            "device map -t krbd -o exclusive,noshare,ms_mode=prefer-crc --cluster ceph --id docker -c /etc/ceph/ceph.conf --keyring /etc/ceph/k rbd/pg-data"
         );
         assert_eq!(
             k.map_argv(&req(true), true).join(" "),

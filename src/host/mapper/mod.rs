@@ -13,6 +13,7 @@
 
 mod kernel_map;
 mod krbd;
+pub mod msgr;
 mod nbd;
 pub mod userspace;
 
@@ -60,6 +61,10 @@ pub struct MapRequest {
     /// Where the node mounts the image: copies of that mount in other namespaces are
     /// not uses of the device.
     pub mountpoint: PathBuf,
+    /// krbd only: the messenger mode to map with (None: the kernel's default, v1) and
+    /// why it was chosen (see [`msgr`]).
+    pub ms_mode: Option<String>,
+    pub ms_mode_why: String,
 }
 
 /// A live mapping, as persisted in the reference table.
@@ -112,6 +117,19 @@ pub trait Mapper: Send + Sync {
         None
     }
     fn fenced_client(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
+        None
+    }
+    /// Whether, while a writable mapping holds the image's exclusive lock, every other
+    /// client's write to the image (its metadata included) is refused. librbd lock
+    /// owners (rbd-nbd, rbdvol's exporter) carry out such requests for their peers; the
+    /// kernel client does not, so the daemon's own writes fail with EROFS.
+    fn refuses_peer_writes(&self) -> bool {
+        false
+    }
+    /// The mapping's client instance address (`IP:PORT/NONCE`), where the mapper
+    /// cannot tell by itself that it was fenced: the node then looks for it on the
+    /// OSD blocklist.
+    fn client_addr(&self, _req: &MapRequest, _mapping: &Mapping) -> Option<String> {
         None
     }
 }
@@ -193,6 +211,8 @@ pub(crate) mod fixtures {
             host_id: "h".into(),
             lock_wait: Duration::from_secs(30),
             mountpoint: "/var/lib/rbdvol/mounts/rbd/pg-data".into(),
+            ms_mode: None,
+            ms_mode_why: String::new(),
         }
     }
 }

@@ -87,6 +87,7 @@ fn node_on(
             state_dir: dir.join("state"),
             dockerd_pid_file: dir.join("docker.pid"),
             sees_all_processes: sees_all,
+            ms_mode: "auto".into(),
         },
         cluster,
         host,
@@ -444,4 +445,100 @@ async fn a_remove_racing_a_mount_waits_for_it_and_refuses() {
     );
     assert!(!removed.load(std::sync::atomic::Ordering::SeqCst));
     mounting.await.unwrap().unwrap();
+}
+
+/// A krbd world whose mapper holds the fake cluster's image locks like the kernel
+/// client: while mapped writable, the daemon's own metadata writes get EROFS.
+fn krbd_world(images: Vec<crate::ceph::images::ImageFacts>) -> World {
+    let w = world_with(images, MapperKind::Krbd);
+    let cluster = w.cluster.clone();
+    w.mapper.set(|s| s.locks_in = Some(cluster));
+    w
+}
+
+#[tokio::test]
+async fn under_krbd_the_marks_are_written_while_the_image_is_unmapped() {
+    // Measured on a 6.1 kernel: the first Mount failed with "writing metadata
+    // rbdvol.formatted … Read-only file system" while krbd held the lock.
+    let w = krbd_world(vec![fresh("rbd", "v")]);
+    let mp = w.node.mount("v", &id(1)).await.unwrap();
+    assert!(w.host.is_mounted(&mp) && w.mapper.is_mapped("rbd", "v"));
+    let marker = w.cluster.meta("v", "formatted").unwrap();
+    assert!(marker.starts_with("ext4 by host-a"), "{marker}");
+    assert!(w.cluster.meta("v", "first-mapped").is_some());
+    assert_eq!(w.host.state.lock().unwrap().mkfs.len(), 1, "formatted once");
+    assert_eq!(w.mapper.maps(), 2, "mapped again after the marks");
+    // The fake cluster's monitors speak msgr2 only.
+    let modes = w.mapper.state.lock().unwrap().ms_modes.clone();
+    assert_eq!(modes, vec![Some("prefer-crc".to_string()); 2]);
+    // The next Mount has nothing to mark: one map, no detour.
+    w.node.unmount("v", &id(1)).await.unwrap();
+    w.assert_released("v");
+    w.node.mount("v", &id(2)).await.unwrap();
+    assert_eq!(w.mapper.maps(), 3);
+    assert_eq!(
+        w.host.state.lock().unwrap().mkfs.len(),
+        1,
+        "never formatted again"
+    );
+}
+
+#[tokio::test]
+async fn under_krbd_a_filesystem_found_unmarked_is_marked_too() {
+    let w = krbd_world(vec![facts("rbd", "v", &[("fstype", "ext4")])]);
+    w.host.set(|s| {
+        s.probes
+            .insert("/dev/fake1".into(), Probe::Signature("xfs".into()));
+    });
+    w.node.mount("v", &id(1)).await.unwrap();
+    let marker = w.cluster.meta("v", "formatted").unwrap();
+    assert!(marker.starts_with("xfs found by host-a"), "{marker}");
+    assert!(w.host.state.lock().unwrap().mkfs.is_empty());
+}
+
+#[tokio::test]
+async fn under_krbd_a_mark_that_cannot_be_written_leaves_nothing_mapped() {
+    let w = krbd_world(vec![fresh("rbd", "v")]);
+    w.cluster.set(|s| s.fail_set_meta = true);
+    let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+    assert!(err.contains("Read-only"), "{err}");
+    w.assert_released("v");
+    // The filesystem made is found (and marked) by the next Mount, never formatted.
+    w.cluster.set(|s| s.fail_set_meta = false);
+    w.node.mount("v", &id(1)).await.unwrap();
+    assert_eq!(w.host.state.lock().unwrap().mkfs.len(), 1);
+    assert!(w
+        .cluster
+        .meta("v", "formatted")
+        .unwrap()
+        .starts_with("ext4 found by host-a"));
+}
+
+#[tokio::test]
+async fn under_krbd_a_volume_changed_while_unmapped_is_not_mounted() {
+    let w = krbd_world(vec![fresh("rbd", "v")]);
+    // What was just made is gone once the image is mapped again (another host wiped
+    // it meanwhile): the fake maps to a fresh, blank device each time.
+    w.mapper.set(|s| s.new_device_each_map = true);
+    let err = w.node.mount("v", &id(1)).await.unwrap_err().to_string();
+    assert!(err.contains("changed while it was unmapped"), "{err}");
+    w.assert_released("v");
+}
+
+#[tokio::test]
+async fn a_kernel_mapping_whose_client_is_blocklisted_is_fenced() {
+    // krbd says nothing when it is blocklisted; the blocklist does.
+    let w = krbd_world(vec![fresh("rbd", "v")]);
+    w.node.mount("v", &id(1)).await.unwrap();
+    w.mapper
+        .set(|s| s.client_addr = Some("192.168.151.11:0/2735839371".into()));
+    w.node.check_fencing(None).await;
+    assert!(!w.node.attached("v").unwrap().fenced, "not blocklisted yet");
+    w.cluster.set(|s| {
+        s.blocklist.insert("192.168.151.11:0/2735839371".into());
+    });
+    w.node.check_fencing(None).await;
+    assert!(w.node.attached("v").unwrap().fenced);
+    let err = w.node.mount("v", &id(2)).await.unwrap_err().to_string();
+    assert!(err.contains("fenced"), "{err}");
 }
