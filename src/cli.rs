@@ -37,6 +37,23 @@ pub enum Command {
     /// Operator commands for volume ownership across hosts.
     #[command(subcommand)]
     Lock(LockCommand),
+    /// Snapshots of a volume: create, list, remove, roll back. Exit 0 when done, 1 when
+    /// refused or failed (the reason on stderr), 2 on bad usage.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Grow a volume to SIZE (e.g. 20G). Its filesystem grows at once on the host where
+    /// it is mounted, or at its next Mount. Shrinking is refused. Exit codes as for
+    /// `snapshot`.
+    Resize {
+        volume: String,
+        /// The new size: N with K/M/G/T/P (binary units); at least the current size.
+        size: String,
+        /// Print the result as JSON: {"volume", "old_bytes", "new_bytes"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
     /// Serve one RBD image as a file through FUSE, holding its exclusive lock. The
     /// daemon starts one of these per mapped volume (userspace mapper); not for humans.
     Export(crate::export::ExportArgs),
@@ -66,6 +83,49 @@ pub enum LockCommand {
     Break {
         /// The volume to free.
         volume: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of VOLUME named NAME (default: snap-<UTC time>). Works while the
+    /// volume is mounted on any host; the snapshot is crash-consistent.
+    Create {
+        volume: String,
+        name: Option<String>,
+        /// Print {"volume", "snapshot"} as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// List VOLUME's snapshots: name, time, size, and the volumes cloned from each.
+    Ls {
+        volume: String,
+        /// Print [{"name", "created", "size_bytes", "protected", "clones"}] as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Remove VOLUME@NAME. Refused while volumes cloned from it exist.
+    Rm {
+        /// VOLUME@NAME
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Roll VOLUME back to its snapshot NAME (VOLUME@NAME): everything written since is
+    /// lost. Refused, naming the host, while the volume is mounted anywhere.
+    Rollback {
+        /// VOLUME@NAME
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         args: ServeArgs,
     },

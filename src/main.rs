@@ -313,6 +313,9 @@ fn main() -> ExitCode {
         Command::ShowConfig(args) => show_config(args),
         Command::Export(args) => rbdvol::export::run(args),
         Command::Lock(cmd) => lock_command(cmd),
+        Command::Snapshot(_) | Command::Resize { .. } => {
+            rbdvol::daytwo_cli::run(&cli.command).map(|out| println!("{out}"))
+        }
         Command::Tls(TlsCommand::Init { dir, hosts, addr }) => rbdvol::certs::init(dir, hosts, addr).map(|_| {
             println!(
                 "wrote ca.pem, server.pem, server-key.pem, client.pem, client-key.pem and rbdvol.json to {}.\nServer: set tls.listen, tls.cert, tls.key and tls.client_ca (ca.pem) in the rbdvol config.\nDocker: copy rbdvol.json to /etc/docker/plugins/ (and remove any rbdvol.sock/.spec, which take precedence).",

@@ -7,6 +7,7 @@
 
 pub mod images;
 pub mod ops;
+pub mod snapshots;
 pub mod sys;
 
 use std::path::PathBuf;

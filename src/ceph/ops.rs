@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::images::{self, Created, Disposal, ImageFacts};
+use super::snapshots::{self, CloneSource, Snapshot};
 use super::sys::CreateSpec;
 use super::Cluster;
 use crate::error::Result;
@@ -39,6 +40,38 @@ pub trait ClusterOps: Send + Sync {
     async fn has_data(&self, pool: &str, name: &str) -> Result<bool>;
     /// Removes a blocklist entry of a client that is gone for good.
     async fn unblocklist(&self, addr: &str) -> Result<()>;
+
+    // Day-two operations (see `super::snapshots`). The in-memory fake has none, so
+    // they default to "not supported" there.
+    async fn snapshots(&self, _pool: &str, _name: &str) -> Result<Vec<Snapshot>> {
+        Err(unsupported())
+    }
+    async fn snap_create(&self, _pool: &str, _name: &str, _snap: &str) -> Result<()> {
+        Err(unsupported())
+    }
+    async fn snap_remove(&self, _pool: &str, _name: &str, _snap: &str) -> Result<()> {
+        Err(unsupported())
+    }
+    async fn rollback(&self, _pool: &str, _name: &str, _snap: &str) -> Result<()> {
+        Err(unsupported())
+    }
+    async fn clone_volume(
+        &self,
+        _src: CloneSource,
+        _pool: &str,
+        _name: &str,
+        _meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        Err(unsupported())
+    }
+    /// Grows the image and marks its filesystem for growing; returns the old size.
+    async fn resize(&self, _pool: &str, _name: &str, _size: u64, _mark: String) -> Result<u64> {
+        Err(unsupported())
+    }
+}
+
+fn unsupported() -> crate::error::Error {
+    crate::error::Error::NotSupported("snapshots, clones and resize need a real cluster".into())
 }
 
 #[async_trait]
@@ -104,6 +137,60 @@ impl ClusterOps for Cluster {
         let a = addr.to_string();
         self.run("cleaning the blocklist", SHORT_DEADLINE, move |r| {
             images::unblocklist(r, &a)
+        })
+        .await
+    }
+
+    async fn snapshots(&self, pool: &str, name: &str) -> Result<Vec<Snapshot>> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("listing snapshots", SHORT_DEADLINE, move |r| {
+            snapshots::list(r, &pool, &name)
+        })
+        .await
+    }
+
+    async fn snap_create(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        let (pool, name, snap) = (pool.to_string(), name.to_string(), snap.to_string());
+        self.run("creating a snapshot", SHORT_DEADLINE, move |r| {
+            snapshots::create(r, &pool, &name, &snap)
+        })
+        .await
+    }
+
+    async fn snap_remove(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        let (pool, name, snap) = (pool.to_string(), name.to_string(), snap.to_string());
+        self.run("removing a snapshot", SHORT_DEADLINE, move |r| {
+            snapshots::remove(r, &pool, &name, &snap)
+        })
+        .await
+    }
+
+    async fn rollback(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        let (pool, name, snap) = (pool.to_string(), name.to_string(), snap.to_string());
+        self.run("rolling back to a snapshot", LONG_DEADLINE, move |r| {
+            snapshots::rollback(r, &pool, &name, &snap)
+        })
+        .await
+    }
+
+    async fn clone_volume(
+        &self,
+        src: CloneSource,
+        pool: &str,
+        name: &str,
+        meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("cloning a volume", LONG_DEADLINE, move |r| {
+            snapshots::clone(r, &src, &pool, &name, &meta)
+        })
+        .await
+    }
+
+    async fn resize(&self, pool: &str, name: &str, size: u64, mark: String) -> Result<u64> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("resizing a volume", SHORT_DEADLINE, move |r| {
+            snapshots::resize(r, &pool, &name, size, &mark)
         })
         .await
     }
@@ -177,5 +264,35 @@ impl ClusterOps for Remembering {
 
     async fn unblocklist(&self, addr: &str) -> Result<()> {
         self.inner.unblocklist(addr).await
+    }
+
+    async fn snapshots(&self, pool: &str, name: &str) -> Result<Vec<Snapshot>> {
+        self.inner.snapshots(pool, name).await
+    }
+
+    async fn snap_create(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        self.inner.snap_create(pool, name, snap).await
+    }
+
+    async fn snap_remove(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        self.inner.snap_remove(pool, name, snap).await
+    }
+
+    async fn rollback(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        self.inner.rollback(pool, name, snap).await
+    }
+
+    async fn clone_volume(
+        &self,
+        src: CloneSource,
+        pool: &str,
+        name: &str,
+        meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        self.inner.clone_volume(src, pool, name, meta).await
+    }
+
+    async fn resize(&self, pool: &str, name: &str, size: u64, mark: String) -> Result<u64> {
+        self.inner.resize(pool, name, size, mark).await
     }
 }

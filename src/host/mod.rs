@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod fs;
+pub mod grow;
 pub mod mapper;
 pub mod ops;
 pub mod usage;

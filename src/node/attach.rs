@@ -311,12 +311,50 @@ impl Attacher {
             read_only,
             stored.allow_suid_dev,
         );
+        // ext4 grows online only with CAP_SYS_RESOURCE, which a managed plugin lacks,
+        // so it grows here, before the mount; xfs grows only while mounted.
+        let ext = fstype.starts_with("ext");
+        if let (Some(mark), false, true) = (&record.grow_fs, read_only, ext) {
+            self.grow_marked(&facts.pool, name, &fstype, device, mountpoint, mark)
+                .await?;
+        }
         self.host
             .mount(device, mountpoint, &fstype, &options)
             .await?;
         crash_point("mount:after-mount");
         tracing::info!(volume = name, mountpoint = %mountpoint.display(), fstype = %fstype, options = %options, "mounted");
+        if let (Some(mark), false, false) = (&record.grow_fs, read_only, ext) {
+            self.grow_marked(&facts.pool, name, &fstype, device, mountpoint, mark)
+                .await?;
+        }
         Ok(fstype)
+    }
+
+    /// The volume was resized while not mounted (or its holder could not grow it):
+    /// grows the filesystem to the device, then clears the mark. A failed grow leaves
+    /// the data as it was, so the volume is still mounted, at its old size, and the
+    /// mark stays for the next Mount to try again.
+    async fn grow_marked(
+        &self,
+        pool: &str,
+        name: &str,
+        fstype: &str,
+        device: &Path,
+        mountpoint: &Path,
+        mark: &str,
+    ) -> Result<()> {
+        match self.host.grow_fs(fstype, device, mountpoint).await {
+            Ok(()) => {
+                self.cluster
+                    .set_meta(pool, name, vec![(key::GROW_FS, None)])
+                    .await?;
+                tracing::info!(volume = name, resize = %mark, "grew the filesystem to the volume's size");
+            }
+            Err(e) => {
+                tracing::warn!(volume = name, resize = %mark, error = %e, "could not grow the filesystem; mounting it at its old size, the next Mount tries again")
+            }
+        }
+        Ok(())
     }
 
     /// Unmounts and unmaps. A busy filesystem, or a device something else still

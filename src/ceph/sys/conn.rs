@@ -150,7 +150,7 @@ impl Drop for Rados {
 
 /// A pool I/O context. It borrows its [`Rados`] so it can never outlive the connection.
 pub struct Pool<'r> {
-    io: rados_ioctx_t,
+    pub(super) io: rados_ioctx_t,
     _rados: &'r Rados,
 }
 

@@ -285,9 +285,11 @@ pub(super) fn split_nul_list(bytes: &[u8]) -> Vec<String> {
 
 mod conn;
 mod image;
+mod snap;
 
 pub use conn::*;
 pub use image::*;
+pub use snap::*;
 
 #[cfg(test)]
 mod tests {
