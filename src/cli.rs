@@ -54,6 +54,15 @@ pub enum Command {
         #[command(flatten)]
         args: ServeArgs,
     },
+    /// Freeze the filesystem mounted at MOUNTPOINT until stdin closes or has input, a
+    /// signal comes, or --max-secs pass; then thaw it. The daemon runs one per
+    /// consistent snapshot; not for humans.
+    #[command(hide = true)]
+    FreezeGuard {
+        mountpoint: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        max_secs: u64,
+    },
     /// Serve one RBD image as a file through FUSE, holding its exclusive lock. The
     /// daemon starts one of these per mapped volume (userspace mapper); not for humans.
     Export(crate::export::ExportArgs),
@@ -98,6 +107,10 @@ pub enum SnapshotCommand {
         /// Print {"volume", "snapshot"} as JSON.
         #[arg(long)]
         json: bool,
+        /// When the host holding the volume does not answer, take the snapshot without
+        /// freezing its filesystem (like a power cut: journals replay on first use).
+        #[arg(long)]
+        crash_consistent: bool,
         #[command(flatten)]
         args: ServeArgs,
     },

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::ceph::ops::Remembering;
 use crate::ceph::{self, Cluster};
 use crate::cli::{Command, ServeArgs, SnapshotCommand};
-use crate::controller::{parse_snapshot_ref, Controller, ControllerConfig};
+use crate::controller::{parse_snapshot_ref, Controller, ControllerConfig, FsGrow};
 use crate::error::{Error, Result};
 use crate::units::format_size;
 
@@ -50,16 +50,24 @@ async fn run_async(cmd: &Command) -> Result<String> {
             json,
             args,
         } => {
-            let (old, new) = controller(args)?.resize(volume, size).await?;
+            let r = controller(args)?.resize(volume, size).await?;
+            let fs = match &r.filesystem {
+                FsGrow::Online { host } => format!("its filesystem was grown on {host}, where it is mounted"),
+                FsGrow::AtNextMount { why: None } => "its filesystem grows at its next Mount".to_string(),
+                FsGrow::AtNextMount { why: Some(why) } => format!(
+                    "its filesystem could not be grown where it is mounted ({why}), so it grows at its next Mount"
+                ),
+            };
             Ok(if *json {
-                json!({ "volume": volume, "old_bytes": old, "new_bytes": new }).to_string()
-            } else if old == new {
-                format!("volume {volume} is already {}; its filesystem is grown to fill it at the next Mount, or at once where it is mounted", format_size(new))
+                json!({ "volume": volume, "old_bytes": r.old, "new_bytes": r.new, "filesystem": fs })
+                    .to_string()
+            } else if r.old == r.new {
+                format!("volume {volume} is already {}; {fs}", format_size(r.new))
             } else {
                 format!(
-                    "grew volume {volume} from {} to {}; its filesystem grows at once on the host where it is mounted, or at its next Mount",
-                    format_size(old),
-                    format_size(new)
+                    "grew volume {volume} from {} to {}; {fs}",
+                    format_size(r.old),
+                    format_size(r.new)
                 )
             })
         }
@@ -74,15 +82,23 @@ async fn snapshot(cmd: &SnapshotCommand) -> Result<String> {
             volume,
             name,
             json,
+            crash_consistent,
             args,
         } => {
-            let snap = controller(args)?
-                .snapshot_create(volume, name.as_deref())
+            let s = controller(args)?
+                .snapshot_create(volume, name.as_deref(), *crash_consistent)
                 .await?;
             Ok(if *json {
-                json!({ "volume": volume, "snapshot": snap }).to_string()
+                json!({ "volume": volume, "snapshot": s.name, "frozen_by": s.frozen_by })
+                    .to_string()
             } else {
-                format!("created snapshot {volume}@{snap}")
+                match &s.frozen_by {
+                    Some(h) => format!(
+                        "created snapshot {volume}@{} (filesystem frozen for it on {h})",
+                        s.name
+                    ),
+                    None => format!("created snapshot {volume}@{}", s.name),
+                }
             })
         }
         SnapshotCommand::Ls { volume, json, args } => {

@@ -20,7 +20,10 @@ fn snapshots_are_created_listed_shown_in_inspect_and_removed() {
 
     // Taken while the volume is mounted and held on host-a.
     let out = rbdvol_ok(&["snapshot", "create", &name, "first"]);
-    assert_eq!(out.trim(), format!("created snapshot {name}@first"));
+    assert_eq!(
+        out.trim(),
+        format!("created snapshot {name}@first (filesystem frozen for it on host-a)")
+    );
     let out = rbdvol_ok(&["snapshot", "create", &name, "--json"]);
     let v: Value = serde_json::from_str(&out).unwrap();
     let auto = v["snapshot"].as_str().unwrap().to_string();

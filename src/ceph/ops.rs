@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::images::{self, Created, Disposal, ImageFacts};
 use super::snapshots::{self, CloneSource, Snapshot};
-use super::sys::CreateSpec;
+use super::sys::{CreateSpec, NotifyReplies};
 use super::Cluster;
 use crate::error::Result;
 
@@ -66,6 +66,16 @@ pub trait ClusterOps: Send + Sync {
     }
     /// Grows the image and marks its filesystem for growing; returns the old size.
     async fn resize(&self, _pool: &str, _name: &str, _size: u64, _mark: String) -> Result<u64> {
+        Err(unsupported())
+    }
+    /// Notifies the watchers of `pool/oid` and collects their answers within `timeout`.
+    async fn notify(
+        &self,
+        _pool: &str,
+        _oid: &str,
+        _payload: Vec<u8>,
+        _timeout: Duration,
+    ) -> Result<NotifyReplies> {
         Err(unsupported())
     }
 }
@@ -194,6 +204,23 @@ impl ClusterOps for Cluster {
         })
         .await
     }
+
+    async fn notify(
+        &self,
+        pool: &str,
+        oid: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<NotifyReplies> {
+        let (pool, oid) = (pool.to_string(), oid.to_string());
+        let op = format!("notifying the watchers of {pool}/{oid}");
+        let ctx = op.clone();
+        self.run(&op, timeout + Duration::from_secs(10), move |r| {
+            r.notify(&pool, &oid, &payload, timeout)
+                .map_err(|e| super::ceph_err(ctx, e))
+        })
+        .await
+    }
 }
 
 /// [`ClusterOps`] that remembers the last description of every volume that anyone
@@ -294,5 +321,15 @@ impl ClusterOps for Remembering {
 
     async fn resize(&self, pool: &str, name: &str, size: u64, mark: String) -> Result<u64> {
         self.inner.resize(pool, name, size, mark).await
+    }
+
+    async fn notify(
+        &self,
+        pool: &str,
+        oid: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<NotifyReplies> {
+        self.inner.notify(pool, oid, payload, timeout).await
     }
 }

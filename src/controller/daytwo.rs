@@ -4,7 +4,7 @@
 //! Create, later CSI) call these and render the typed results themselves.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::Controller;
 use crate::ceph::images::{Created, ImageFacts};
@@ -13,6 +13,7 @@ pub use crate::ceph::snapshots::Snapshot as SnapshotRow;
 use crate::ceph::ClusterOps;
 use crate::error::{Error, Result};
 use crate::units::{format_size, parse_size};
+use crate::volume::control::{self, Reply, Request};
 use crate::volume::{key, names};
 
 /// The create option that makes a volume from another one.
@@ -30,6 +31,44 @@ impl std::fmt::Display for Lineage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}@{}", self.pool, self.volume, self.snapshot)
     }
+}
+
+/// A snapshot taken: its name, and the host that froze the filesystem for it (none
+/// when the volume was not mounted, or with `--crash-consistent`).
+#[derive(Debug, Clone)]
+pub struct Snapped {
+    pub name: String,
+    pub frozen_by: Option<String>,
+}
+
+/// What became of the filesystem after a resize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsGrow {
+    /// Grown at once by the host holding the volume.
+    Online { host: String },
+    /// Grown at the next Mount; `why` not at once, when the volume is mounted.
+    AtNextMount { why: Option<String> },
+}
+
+/// The result of a resize.
+#[derive(Debug, Clone)]
+pub struct Resized {
+    pub old: u64,
+    pub new: u64,
+    pub filesystem: FsGrow,
+}
+
+/// The host holding the volume's exclusive lock (from its owner record), if anyone holds it.
+fn holder_host(facts: &ImageFacts) -> Option<String> {
+    let owners = crate::lock::owners(facts);
+    let first = owners.first()?;
+    Some(
+        first
+            .host
+            .clone()
+            .map(|h| format!("host {h}"))
+            .unwrap_or_else(|| first.describe()),
+    )
 }
 
 fn now() -> String {
@@ -77,9 +116,16 @@ impl Controller {
     }
 
     /// Takes a snapshot of `volume` named `snap` (default: `snap-<UTC time>`) and
-    /// returns its name. Crash-consistent: what the volume's holder had written when
-    /// librbd took it.
-    pub async fn snapshot_create(&self, volume: &str, snap: Option<&str>) -> Result<String> {
+    /// returns its name and the host that froze its filesystem for it. While the
+    /// volume is mounted, the holding host freezes the filesystem around the snapshot
+    /// (asked through the cluster, see [`crate::volume::control`]); if it does not
+    /// answer, the snapshot is refused, or with `crash_consistent` taken unfrozen.
+    pub async fn snapshot_create(
+        &self,
+        volume: &str,
+        snap: Option<&str>,
+        crash_consistent: bool,
+    ) -> Result<Snapped> {
         let snap = match snap {
             Some(s) => {
                 validate_snapshot_name(s)?;
@@ -93,9 +139,118 @@ impl Controller {
             ),
         };
         let facts = self.facts_of(volume).await?;
-        self.cluster.snap_create(&facts.pool, volume, &snap).await?;
-        tracing::info!(volume, snapshot = %snap, "created snapshot");
-        Ok(snap)
+        if facts.snapshots.iter().any(|s| s.name == snap) {
+            return Err(Error::Conflict {
+                name: format!("{volume}@{snap}"),
+                existing: "a snapshot of that name".into(),
+                requested: "a new snapshot".into(),
+            });
+        }
+        let frozen_by = self.snap_frozen(&facts, &snap, crash_consistent).await?;
+        tracing::info!(volume, snapshot = %snap, frozen_by = ?frozen_by, "created snapshot");
+        Ok(Snapped {
+            name: snap,
+            frozen_by,
+        })
+    }
+
+    /// The snapshot itself, inside the holder's freeze when the volume is held.
+    async fn snap_frozen(
+        &self,
+        facts: &ImageFacts,
+        snap: &str,
+        crash_consistent: bool,
+    ) -> Result<Option<String>> {
+        let volume = facts.name.as_str();
+        let Some(holder) = holder_host(facts) else {
+            self.cluster.snap_create(&facts.pool, volume, snap).await?;
+            return Ok(None);
+        };
+        let id = format!(
+            "{}-{}",
+            self.cfg.host_id,
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
+        let freeze = Request::Freeze {
+            volume: volume.to_string(),
+            id: id.clone(),
+            max_secs: control::MAX_FREEZE.as_secs(),
+        };
+        match self.ask_holder(facts, &freeze, control::ANSWER_WITHIN).await {
+            Ok(host) => {
+                let taken = self.cluster.snap_create(&facts.pool, volume, snap).await;
+                let thaw = Request::Thaw {
+                    volume: volume.to_string(),
+                    id,
+                };
+                if let Err(why) = self.ask_holder(facts, &thaw, control::ANSWER_WITHIN).await {
+                    tracing::warn!(volume, host = %host, why = %why, "the holder did not confirm the thaw; its freeze guard thaws by itself within {}s", control::MAX_FREEZE.as_secs());
+                }
+                taken.map(|()| Some(host))
+            }
+            Err(why) if crash_consistent => {
+                tracing::warn!(volume, holder = %holder, why = %why, "taking a crash-consistent snapshot: the holder could not freeze the filesystem");
+                self.cluster.snap_create(&facts.pool, volume, snap).await?;
+                Ok(None)
+            }
+            Err(why) => Err(Error::HeldElsewhere(format!(
+                "volume {volume} is mounted on {holder}, which must freeze its filesystem for a consistent snapshot, but {why}. No snapshot was taken. Retry once {holder} is reachable, or take it without freezing with `rbdvol snapshot create --crash-consistent` (like a power cut: the filesystem replays its journal when the snapshot is used)"
+            ))),
+        }
+    }
+
+    /// Sends `req` to the daemon holding the volume and returns its host once it has
+    /// done it; otherwise says why not, in words.
+    async fn ask_holder(
+        &self,
+        facts: &ImageFacts,
+        req: &Request,
+        within: Duration,
+    ) -> std::result::Result<String, String> {
+        let holder = holder_host(facts).unwrap_or_else(|| "its holder".into());
+        let payload = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        let oid = control::object(&facts.name);
+        let mut replies = self
+            .cluster
+            .notify(&facts.pool, &oid, payload.clone(), within)
+            .await
+            .map_err(|e| format!("it could not be asked: {e}"))?;
+        if replies.acks.is_empty() && replies.timeouts.is_empty() {
+            // Nobody watches yet: a daemon starts watching within a second of a Mount.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            replies = self
+                .cluster
+                .notify(&facts.pool, &oid, payload, within)
+                .await
+                .map_err(|e| format!("it could not be asked: {e}"))?;
+        }
+        let answers: Vec<Reply> = replies
+            .acks
+            .iter()
+            .filter_map(|(_, body)| serde_json::from_slice::<Reply>(body).ok())
+            .collect();
+        if let Some(ok) = answers.iter().find(|r| r.ok) {
+            return Ok(ok.host.clone());
+        }
+        if let Some(failed) = answers.first() {
+            return Err(format!(
+                "{} could not do it: {}",
+                failed.host,
+                failed.error.clone().unwrap_or_default()
+            ));
+        }
+        if !replies.timeouts.is_empty() {
+            return Err(format!(
+                "{holder} did not answer within {}s",
+                within.as_secs()
+            ));
+        }
+        Err(format!(
+            "no rbdvol daemon on {holder} watches for requests about it (the daemon is stopped or cut off from the cluster, or it is too old)"
+        ))
     }
 
     /// The snapshots of `volume`, oldest first, with the clones made from each.
@@ -125,9 +280,9 @@ impl Controller {
         Ok(())
     }
 
-    /// Grows `volume` to `size` (e.g. `20G`); returns (old, new) sizes in bytes. The
-    /// filesystem follows at the next Mount, or at once on the host holding it.
-    pub async fn resize(&self, volume: &str, size: &str) -> Result<(u64, u64)> {
+    /// Grows `volume` to `size` (e.g. `20G`). The filesystem is grown at once by the
+    /// host holding the volume, or else at its next Mount.
+    pub async fn resize(&self, volume: &str, size: &str) -> Result<Resized> {
         let bytes = parse_size(size).map_err(|reason| Error::InvalidOption {
             key: "size".into(),
             value: size.to_string(),
@@ -146,7 +301,29 @@ impl Controller {
             .resize(&facts.pool, volume, bytes, mark)
             .await?;
         tracing::info!(volume, old = %format_size(old), new = %format_size(bytes), "resized");
-        Ok((old, bytes))
+        let filesystem = match holder_host(&facts) {
+            None => FsGrow::AtNextMount { why: None },
+            Some(_) => {
+                let grow = Request::Grow {
+                    volume: volume.to_string(),
+                    size: bytes,
+                };
+                match self.ask_holder(&facts, &grow, control::GROW_WITHIN).await {
+                    Ok(host) => {
+                        self.cluster
+                            .set_meta(&facts.pool, volume, vec![(key::GROW_FS, None)])
+                            .await?;
+                        FsGrow::Online { host }
+                    }
+                    Err(why) => FsGrow::AtNextMount { why: Some(why) },
+                }
+            }
+        };
+        Ok(Resized {
+            old,
+            new: bytes,
+            filesystem,
+        })
     }
 
     /// Create with `-o from=VOL[@SNAP]`: a clone of a snapshot of VOL (taken now when

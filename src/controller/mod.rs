@@ -9,7 +9,7 @@ mod daytwo;
 #[cfg(test)]
 mod tests;
 
-pub use daytwo::{parse_snapshot_ref, Lineage, SnapshotRow};
+pub use daytwo::{parse_snapshot_ref, FsGrow, Lineage, Resized, Snapped, SnapshotRow};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

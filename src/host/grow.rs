@@ -70,3 +70,32 @@ pub async fn grow(fstype: &str, device: &Path, mountpoint: &Path) -> Result<()> 
         ))),
     }
 }
+
+/// The size of a block device in bytes, from sysfs.
+fn device_size(device: &Path) -> Option<u64> {
+    let name = device.file_name()?.to_str()?;
+    let sectors = std::fs::read_to_string(format!("/sys/class/block/{name}/size")).ok()?;
+    sectors.trim().parse::<u64>().ok().map(|s| s * 512)
+}
+
+/// Grows a mounted filesystem after its image grew to `size`: waits (up to 15 s) for
+/// the device to show the new size (the userspace exporter notices a resize within a
+/// couple of seconds; krbd at once), then grows the filesystem online.
+pub async fn grow_online(fstype: &str, device: &Path, mountpoint: &Path, size: u64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        refresh_loop(device).await?;
+        let seen = device_size(device).unwrap_or(0);
+        if seen >= size {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::NotSupported(format!(
+                "device {} still shows {seen} bytes, not the new {size}; the filesystem grows at the next Mount",
+                device.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    grow(fstype, device, mountpoint).await
+}

@@ -5,6 +5,7 @@
 //! promise never to format twice rests on `formatted` and `first-mapped` meaning the
 //! same thing to every host and every version.
 
+pub mod control;
 pub mod fsopts;
 pub mod names;
 pub mod options;
