@@ -134,17 +134,14 @@ impl ControlRef {
     fn serve(&self, watched: Weak<Watched>, rx: mpsc::Receiver<Notification>) {
         while let Ok(n) = rx.recv() {
             let Some(w) = watched.upgrade() else { break };
-            let (reply, froze) = self.answer(&w, &n);
+            let reply = self.answer(&w, &n);
             if let Err(e) = w.watch.ack(&n, &reply.to_bytes()) {
                 tracing::warn!(volume = %w.name, error = %e.describe(), "could not answer a request");
-            }
-            if froze {
-                crate::failpoint::crash_point("control:after-freeze");
             }
         }
     }
 
-    fn answer(&self, w: &Watched, n: &Notification) -> (Reply, bool) {
+    fn answer(&self, w: &Watched, n: &Notification) -> Reply {
         let reply = |r: std::result::Result<(), String>| Reply {
             host: self.host_id.clone(),
             ok: r.is_ok(),
@@ -152,43 +149,39 @@ impl ControlRef {
         };
         let req: Request = match serde_json::from_slice(&n.payload) {
             Ok(r) => r,
-            Err(e) => return (reply(Err(format!("unreadable request: {e}"))), false),
+            Err(e) => return reply(Err(format!("unreadable request: {e}"))),
         };
         if req.volume() != w.name {
-            return (
-                reply(Err(format!("this watch is for volume {}", w.name))),
-                false,
-            );
+            return reply(Err(format!("this watch is for volume {}", w.name)));
         }
         let t = &w.target;
         match req {
             // A read-only mount does not change: nothing to freeze.
-            Request::Freeze { .. } if t.read_only => (reply(Ok(())), false),
+            Request::Freeze { .. } if t.read_only => reply(Ok(())),
             Request::Freeze { id, max_secs, .. } => {
                 let max = Duration::from_secs(max_secs).min(control::MAX_FREEZE);
                 match Frozen::start(&self.exe, &t.mountpoint, max, control::ANSWER_WITHIN) {
                     Ok(f) => {
                         tracing::info!(volume = %w.name, request = %id, "froze the filesystem for a snapshot");
                         lock(&w.freezes).insert(id, f);
-                        (reply(Ok(())), true)
+                        reply(Ok(()))
                     }
-                    Err(e) => (reply(Err(e.to_string())), false),
+                    Err(e) => reply(Err(e.to_string())),
                 }
             }
             Request::Thaw { id, .. } => {
+                // Tests kill the daemon here, while the filesystem is frozen.
+                crate::failpoint::crash_point("control:before-thaw");
                 // Already thawed (time limit) counts as done.
                 if let Some(mut f) = lock(&w.freezes).remove(&id) {
                     let said = f.finish(Duration::from_secs(25));
                     tracing::info!(volume = %w.name, request = %id, guard = %said, "thawed the filesystem");
                 }
-                (reply(Ok(())), false)
+                reply(Ok(()))
             }
-            Request::Grow { .. } if t.read_only => (
-                reply(Err(
-                    "it is mounted read-only here; it grows at its next writable Mount".into(),
-                )),
-                false,
-            ),
+            Request::Grow { .. } if t.read_only => reply(Err(
+                "it is mounted read-only here; it grows at its next writable Mount".into(),
+            )),
             Request::Grow { size, .. } => {
                 let r = self.rt.block_on(crate::host::grow::grow_online(
                     &t.fstype,
@@ -202,7 +195,7 @@ impl ControlRef {
                         tracing::warn!(volume = %w.name, error = %e, "could not grow the mounted filesystem")
                     }
                 }
-                (reply(r.map_err(|e| e.to_string())), false)
+                reply(r.map_err(|e| e.to_string()))
             }
         }
     }

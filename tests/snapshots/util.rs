@@ -1,6 +1,8 @@
 //! Helpers of the snapshot tests: the `rbdvol` CLI, data that can be compared byte
 //! for byte, and sizes seen from inside a mounted filesystem.
 
+#![allow(dead_code)] // each test binary uses some of these
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,10 +10,24 @@ use crate::common::*;
 
 /// Runs `rbdvol ARGS` against the test cluster; returns (exit code, stdout, stderr).
 pub fn rbdvol(args: &[&str]) -> (i32, String, String) {
+    rbdvol_in(None, args)
+}
+
+/// Runs `rbdvol ARGS` in the network namespace `ns` (another test host), if given.
+pub fn rbdvol_in(ns: Option<&str>, args: &[&str]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rbdvol.toml");
     std::fs::write(&config, "").unwrap();
-    let out = Command::new("timeout")
+    let mut cmd = match ns {
+        Some(ns) => {
+            let name = ns.rsplit('/').next().unwrap();
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", name, "timeout"]);
+            c
+        }
+        None => Command::new("timeout"),
+    };
+    let out = cmd
         .args(["-k", "5", "90", env!("CARGO_BIN_EXE_rbdvol")])
         .args(args)
         .arg("--ceph-conf")
