@@ -14,7 +14,8 @@ use crate::error::{Error, Result};
     name = "rbdvol",
     version,
     about = "Docker volume plugin for Ceph RBD: one host at a time, fenced takeover, data never wiped",
-    long_about = None
+    long_about = None,
+    after_help = "Volumes from other volumes, at creation:\n  docker volume create -d rbdvol -o from=pg-data pg-test          a clone of pg-data as it is now\n  docker volume create -d rbdvol -o from=pg-data@nightly pg-old   a clone of its snapshot nightly\nThe clone keeps its source's filesystem, data and settings and is never formatted; `docker volume inspect`\nshows its origin, and a volume's snapshots. A volume with clones cannot be removed until they are."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -45,6 +46,7 @@ pub enum Command {
     /// it is mounted, or at its next Mount. Shrinking is refused. Exit codes as for
     /// `snapshot`.
     Resize {
+        /// The volume.
         volume: String,
         /// The new size: N with K/M/G/T/P (binary units); at least the current size.
         size: String,
@@ -99,10 +101,15 @@ pub enum LockCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// Take a snapshot of VOLUME named NAME (default: snap-<UTC time>). Works while the
-    /// volume is mounted on any host; the snapshot is crash-consistent.
+    /// Take a snapshot of VOLUME named NAME (default: snap-<UTC time>). While the volume
+    /// is mounted, on this or any other host, the host holding it freezes its filesystem
+    /// for the moment of the snapshot (asked through the cluster), so the snapshot is
+    /// consistent. If that host does not answer within 10 s, no snapshot is taken and
+    /// the error names it; --crash-consistent takes it unfrozen instead.
     Create {
+        /// The volume.
         volume: String,
+        /// The snapshot's name (letters, digits, '_', '.', '-').
         name: Option<String>,
         /// Print {"volume", "snapshot"} as JSON.
         #[arg(long)]
@@ -116,6 +123,7 @@ pub enum SnapshotCommand {
     },
     /// List VOLUME's snapshots: name, time, size, and the volumes cloned from each.
     Ls {
+        /// The volume.
         volume: String,
         /// Print [{"name", "created", "size_bytes", "protected", "clones"}] as JSON.
         #[arg(long)]

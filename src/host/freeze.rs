@@ -68,6 +68,18 @@ pub fn guard(mountpoint: &Path, max: Duration) -> Result<()> {
     })
 }
 
+/// Thaws the filesystem at `mountpoint` if it is frozen (`fsfreeze -u`); an error
+/// when it was not frozen is expected and means nothing.
+pub async fn thaw(mountpoint: &Path) -> Result<()> {
+    run_ok(
+        "fsfreeze",
+        [std::ffi::OsStr::new("-u"), mountpoint.as_os_str()],
+        FSFREEZE_DEADLINE,
+    )
+    .await
+    .map(|_| ())
+}
+
 /// A running guard, seen from the daemon. Dropping it thaws (stdin closes).
 pub struct Frozen {
     child: Child,

@@ -92,6 +92,13 @@ impl Control {
             return;
         };
         for (name, target) in missing {
+            if !target.read_only {
+                // A volume newly watched may have been left frozen by a freeze guard
+                // that was killed outright (its own thaw never ran): thaw it.
+                // Thawing a filesystem that is not frozen does nothing.
+                let mp = target.mountpoint.clone();
+                let _ = self.rt.block_on(crate::host::freeze::thaw(&mp));
+            }
             let (tx, rx) = mpsc::channel();
             match Watch::start(rados.clone(), &target.pool, &control::object(&name), tx) {
                 Ok(watch) => {
