@@ -7,6 +7,8 @@
 
 mod daytwo;
 #[cfg(test)]
+mod daytwo_tests;
+#[cfg(test)]
 mod tests;
 
 pub use daytwo::{parse_snapshot_ref, FsGrow, Lineage, Resized, Snapped, SnapshotRow};
