@@ -74,8 +74,14 @@ fn snapshots_are_created_listed_shown_in_inspect_and_removed() {
     assert!(a.get(&name)["Volume"]["Status"].get("snapshots").is_none());
     // The volume was never disturbed.
     assert_same(&mp.join("a"), b"before");
+    let ctl = format!("rbdvol.ctl.{name}");
+    assert!(
+        object_exists("rbd", &ctl),
+        "the holder does not watch {ctl}"
+    );
     a.unmount(&name, &mount_id(1));
     a.ok("VolumeDriver.Remove", &format!(r#"{{"Name":"{name}"}}"#));
+    assert!(!object_exists("rbd", &ctl), "{ctl} outlived its volume");
 }
 
 #[test]

@@ -241,6 +241,13 @@ pub fn remove(rados: &Rados, pools: &[String], name: &str, how: Disposal) -> Res
         Disposal::Trash(deferment) => io.trash_image(name, deferment),
         Disposal::Delete => io.remove_image(name),
     };
+    if r.is_ok() {
+        // The object its holders watched for snapshot and resize requests goes too.
+        let oid = crate::volume::control::object(name);
+        if let Err(e) = io.remove_object(&oid) {
+            tracing::warn!(pool, object = %oid, error = %e.describe(), "could not remove the volume's request object; it is empty and harmless");
+        }
+    }
     match r {
         Ok(()) => Ok(()),
         Err(e) if is_enoent(&e) => Ok(()),

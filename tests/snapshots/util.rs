@@ -136,3 +136,15 @@ pub fn assert_fsck_clean(spec: &str, dir: &Path) -> PathBuf {
     assert_eq!(code, 0, "e2fsck -fn on {spec} after the first pass:\n{out}");
     file
 }
+
+/// Whether `pool/oid` exists, from the `rados` CLI.
+pub fn object_exists(pool: &str, oid: &str) -> bool {
+    Command::new("timeout")
+        .args(["-k", "5", "30", "rados", "-c"])
+        .arg(ceph_conf())
+        .args(["-p", pool, "stat", oid])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}

@@ -257,3 +257,15 @@ impl Rados {
         Ok(out)
     }
 }
+
+impl Pool<'_> {
+    /// Removes an object; a missing one counts as removed.
+    pub fn remove_object(&self, oid: &str) -> Result<()> {
+        let o = cstr(oid)?;
+        // SAFETY: valid io context and string.
+        match unsafe { rados::rados_remove(self.io, o.as_ptr()) } {
+            rc if rc == -libc::ENOENT => Ok(()),
+            rc => check(rc).map(|_| ()),
+        }
+    }
+}
