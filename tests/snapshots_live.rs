@@ -126,11 +126,17 @@ fn a_snapshot_under_steady_writes_from_another_host_is_clean_and_holds_what_was_
     wait_for("the first records", || w.acked() >= 50);
 
     let before = w.acked();
+    let asked = std::time::Instant::now();
     let (code, out, err) = rbdvol_in(
         other.as_deref(),
         &["snapshot", "create", &name, "under-load"],
     );
     let after = w.acked();
+    eprintln!(
+        "snapshot under load: {:?}, {} records acknowledged meanwhile",
+        asked.elapsed(),
+        after - before
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("frozen for it on host-a"), "{out}");
     let total = w.finish();
@@ -189,7 +195,9 @@ fn a_holder_that_does_not_answer_fails_the_snapshot_unless_crash_consistent_is_a
 
     let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let asked = std::time::Instant::now();
     let (code, out, err) = rbdvol_in(other.as_deref(), &["snapshot", "create", &name, "refused"]);
+    eprintln!("a silent holder: refused after {:?}", asked.elapsed());
     let (code2, out2, err2) = rbdvol_in(
         other.as_deref(),
         &["snapshot", "create", &name, "crashy", "--crash-consistent"],
