@@ -14,7 +14,8 @@ use crate::error::{Error, Result};
     name = "rbdvol",
     version,
     about = "Docker volume plugin for Ceph RBD: one host at a time, fenced takeover, data never wiped",
-    long_about = None
+    long_about = None,
+    after_help = "Volumes from other volumes, at creation:\n  docker volume create -d rbdvol -o from=pg-data pg-test          a clone of pg-data as it is now\n  docker volume create -d rbdvol -o from=pg-data@nightly pg-old   a clone of its snapshot nightly\nThe clone keeps its source's filesystem, data and settings and is never formatted; `docker volume inspect`\nshows its origin, and a volume's snapshots. A volume with clones cannot be removed until they are."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -37,6 +38,33 @@ pub enum Command {
     /// Operator commands for volume ownership across hosts.
     #[command(subcommand)]
     Lock(LockCommand),
+    /// Snapshots of a volume: create, list, remove, roll back. Exit 0 when done, 1 when
+    /// refused or failed (the reason on stderr), 2 on bad usage.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Grow a volume to SIZE (e.g. 20G). Its filesystem grows at once on the host where
+    /// it is mounted, or at its next Mount. Shrinking is refused. Exit codes as for
+    /// `snapshot`.
+    Resize {
+        /// The volume.
+        volume: String,
+        /// The new size: N with K/M/G/T/P (binary units); at least the current size.
+        size: String,
+        /// Print the result as JSON: {"volume", "old_bytes", "new_bytes"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Freeze the filesystem mounted at MOUNTPOINT until stdin closes or has input, a
+    /// signal comes, or --max-secs pass; then thaw it. The daemon runs one per
+    /// consistent snapshot; not for humans.
+    #[command(hide = true)]
+    FreezeGuard {
+        mountpoint: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        max_secs: u64,
+    },
     /// Serve one RBD image as a file through FUSE, holding its exclusive lock. The
     /// daemon starts one of these per mapped volume (userspace mapper); not for humans.
     Export(crate::export::ExportArgs),
@@ -66,6 +94,59 @@ pub enum LockCommand {
     Break {
         /// The volume to free.
         volume: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of VOLUME named NAME (default: snap-<UTC time>). While the volume
+    /// is mounted, on this or any other host, the host holding it freezes its filesystem
+    /// for the moment of the snapshot (asked through the cluster), so the snapshot is
+    /// consistent. If that host does not answer within 10 s, no snapshot is taken and
+    /// the error names it; --crash-consistent takes it unfrozen instead.
+    Create {
+        /// The volume.
+        volume: String,
+        /// The snapshot's name (letters, digits, '_', '.', '-').
+        name: Option<String>,
+        /// Print {"volume", "snapshot"} as JSON.
+        #[arg(long)]
+        json: bool,
+        /// When the host holding the volume does not answer, take the snapshot without
+        /// freezing its filesystem (like a power cut: journals replay on first use).
+        #[arg(long)]
+        crash_consistent: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// List VOLUME's snapshots: name, time, size, and the volumes cloned from each.
+    Ls {
+        /// The volume.
+        volume: String,
+        /// Print [{"name", "created", "size_bytes", "protected", "clones"}] as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Remove VOLUME@NAME. Refused while volumes cloned from it exist.
+    Rm {
+        /// VOLUME@NAME
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Roll VOLUME back to its snapshot NAME (VOLUME@NAME): everything written since is
+    /// lost. Refused, naming the host, while the volume is mounted anywhere.
+    Rollback {
+        /// VOLUME@NAME
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         args: ServeArgs,
     },

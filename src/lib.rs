@@ -26,6 +26,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod daytwo_cli;
 pub mod doctor;
 pub mod error;
 pub mod export;

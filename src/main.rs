@@ -171,6 +171,24 @@ async fn serve(args: &ServeArgs) -> Result<()> {
             watcher.node.check_fencing(None).await;
         }
     });
+    // Answer snapshot (freeze/thaw) and resize requests for the volumes mounted here.
+    let control = rbdvol::node::control::Control::new(
+        settings.effective_host_id(),
+        ceph::connect_spec(&settings.ceph),
+        std::env::current_exe()
+            .map_err(|e| rbdvol::error::Error::io("locating the rbdvol binary", e))?,
+        tokio::runtime::Handle::current(),
+    );
+    let holder = driver.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let targets = holder.node.control_targets();
+            let c = control.clone();
+            let _ = tokio::task::spawn_blocking(move || c.sync(targets)).await;
+        }
+    });
     let sweeper = driver.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweeper.node.orphan_sweep_period());
@@ -315,6 +333,13 @@ fn main() -> ExitCode {
         Command::ShowConfig(args) => show_config(args),
         Command::Export(args) => rbdvol::export::run(args),
         Command::Lock(cmd) => lock_command(cmd),
+        Command::FreezeGuard {
+            mountpoint,
+            max_secs,
+        } => rbdvol::host::freeze::guard(mountpoint, std::time::Duration::from_secs(*max_secs)),
+        Command::Snapshot(_) | Command::Resize { .. } => {
+            rbdvol::daytwo_cli::run(&cli.command).map(|out| println!("{out}"))
+        }
         Command::Tls(TlsCommand::Init { dir, hosts, addr }) => rbdvol::certs::init(dir, hosts, addr).map(|_| {
             println!(
                 "wrote ca.pem, server.pem, server-key.pem, client.pem, client-key.pem and rbdvol.json to {}.\nServer: set tls.listen, tls.cert, tls.key and tls.client_ca (ca.pem) in the rbdvol config.\nDocker: copy rbdvol.json to /etc/docker/plugins/ (and remove any rbdvol.sock/.spec, which take precedence).",

@@ -43,6 +43,7 @@ pub fn facts(pool: &str, name: &str, meta: &[(&str, &str)]) -> ImageFacts {
         lock_owners: Vec::new(),
         watchers: Vec::new(),
         advisory_locks: Vec::new(),
+        snapshots: Vec::new(),
     }
 }
 
@@ -336,6 +337,10 @@ impl HostOps for FakeHost {
 
     async fn preen(&self, _fstype: &str, _device: &Path) -> Result<()> {
         self.failing("preen")
+    }
+
+    async fn grow_fs(&self, _fstype: &str, _device: &Path, _mountpoint: &Path) -> Result<()> {
+        self.failing("grow")
     }
 
     async fn mount(&self, device: &Path, target: &Path, fstype: &str, options: &str) -> Result<()> {

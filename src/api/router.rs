@@ -71,6 +71,22 @@ fn volume_json(v: &VolumeInfo, here: Option<Attached>) -> Value {
     if let Some(dp) = &r.data_pool {
         status["data_pool"] = json!(dp);
     }
+    if let Some(o) = &r.origin {
+        status["origin"] = json!(o);
+    }
+    if !v.snapshots.is_empty() {
+        status["snapshots"] = v
+            .snapshots
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "created": s.created.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    "size": format_size(s.size),
+                })
+            })
+            .collect();
+    }
     if let Some(why) = &v.stale {
         status["note"] = json!(format!(
             "cluster unreachable, showing the last known state: {why}"

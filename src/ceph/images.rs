@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use super::ceph_err;
-use super::sys::{CreateSpec, Errno, ImageStat, Locker, Rados, Watcher};
+use super::sys::{CreateSpec, Errno, ImageStat, Locker, Rados, SnapInfo, Watcher};
 use crate::error::{Error, Result};
 
 use crate::volume::key;
@@ -24,6 +24,8 @@ pub struct ImageFacts {
     pub lock_owners: Vec<Locker>,
     pub watchers: Vec<Watcher>,
     pub advisory_locks: Vec<Locker>,
+    /// Its snapshots (name, size, time), read from the open image at no extra cost.
+    pub snapshots: Vec<SnapInfo>,
 }
 
 impl ImageFacts {
@@ -117,6 +119,9 @@ pub fn describe(rados: &Rados, pool: &str, name: &str) -> Result<Option<ImageFac
     let watchers = image
         .watchers()
         .map_err(|e| ceph_err(ctx("listing watchers"), e))?;
+    let snapshots = image
+        .snapshots()
+        .map_err(|e| ceph_err(ctx("listing snapshots"), e))?;
     Ok(Some(ImageFacts {
         pool: pool.to_string(),
         name: name.to_string(),
@@ -125,6 +130,7 @@ pub fn describe(rados: &Rados, pool: &str, name: &str) -> Result<Option<ImageFac
         lock_owners,
         watchers,
         advisory_locks,
+        snapshots,
     }))
 }
 
@@ -225,6 +231,9 @@ pub fn remove(rados: &Rados, pools: &[String], name: &str, how: Disposal) -> Res
             holder: format!("{holder}; it can be removed once it is unmounted everywhere"),
         });
     }
+    // Refused while clones depend on its snapshots. Otherwise the snapshots go with
+    // it: into the trash (restored with it), or deleted first.
+    super::snapshots::release_all(rados, pool, name, matches!(how, Disposal::Delete))?;
     let io = rados
         .pool(pool)
         .map_err(|e| ceph_err(format!("opening pool {pool}"), e))?;
@@ -234,11 +243,17 @@ pub fn remove(rados: &Rados, pools: &[String], name: &str, how: Disposal) -> Res
     };
     match r {
         Ok(()) => {
-            // Its liveness object (crate::ceph::liveness) goes with it; left behind it
-            // would only be a few bytes that a future volume of the name reuses.
-            let oid = super::liveness::object_name(name);
-            if let Err(e) = io.remove_object(&oid) {
-                tracing::debug!(object = %oid, error = %e.describe(), "could not remove the liveness object");
+            // The small objects beside it go too: the one its holders watched for
+            // snapshot and resize requests, and its liveness object
+            // (crate::ceph::liveness). Left behind they would only be a few bytes that a
+            // future volume of the name reuses.
+            for oid in [
+                crate::volume::control::object(name),
+                super::liveness::object_name(name),
+            ] {
+                if let Err(e) = io.remove_object(&oid) {
+                    tracing::warn!(pool, object = %oid, error = %e.describe(), "could not remove an object beside the removed volume; it is small and harmless");
+                }
             }
             Ok(())
         }

@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::images::same_client;
-use super::sys::{self, Errno, NotifyReply, Pool, Rados, Watch};
+use super::sys::{self, Errno, NotifyReplies, OnNotify, Pool, Rados, Watch};
 
 /// How long a taker waits for the watchers to answer its notify. A live owner answers
 /// in milliseconds; one that does not is still counted as watching (it did not answer,
@@ -97,7 +97,7 @@ pub enum Liveness {
 pub fn judge(
     contents: Option<&[u8]>,
     owner: &str,
-    ask: impl FnOnce() -> sys::Result<NotifyReply>,
+    ask: impl FnOnce() -> sys::Result<NotifyReplies>,
 ) -> Liveness {
     let Some(bytes) = contents else {
         return Liveness::Unknown(
@@ -118,9 +118,7 @@ pub fn judge(
             "asking the liveness object's watchers failed ({})",
             e.describe()
         )),
-        Ok(r) if r.acked.iter().chain(&r.timed_out).any(|(g, _)| *g == rec.gid) => {
-            Liveness::Alive
-        }
+        Ok(r) if r.watching(rec.gid) => Liveness::Alive,
         Ok(_) => Liveness::Gone(format!(
             "client.{} at {} no longer holds its {} s liveness watch: the OSD has not heard from it for that long",
             rec.gid, rec.addr, rec.timeout_secs
@@ -137,7 +135,7 @@ pub fn probe(pool: &Pool<'_>, image: &str, owner: &str) -> Liveness {
             e.describe()
         )),
         Ok(contents) => judge(contents.as_deref(), owner, || {
-            pool.notify(&oid, NOTIFY_WAIT)
+            pool.notify(&oid, &[], NOTIFY_WAIT)
         }),
     }
 }
@@ -161,13 +159,13 @@ impl Keeper {
         let oid = object_name(image);
         let timeout = Duration::from_secs(record.timeout_secs);
         // The watch needs its object; writing the record creates it.
-        let watch = match Watch::start(rados.clone(), pool, &oid, timeout) {
+        let watch = match Watch::start(rados.clone(), pool, &oid, timeout, OnNotify::Ack) {
             Ok(w) => w,
             Err(e) if e.0 == libc::ENOENT => {
                 let io = rados.pool(pool).map_err(|e| ("opening the pool", e))?;
                 io.write_object(&oid, b"")
                     .map_err(|e| ("creating the liveness object", e))?;
-                Watch::start(rados.clone(), pool, &oid, timeout)
+                Watch::start(rados.clone(), pool, &oid, timeout, OnNotify::Ack)
                     .map_err(|e| ("watching the liveness object", e))?
             }
             Err(e) => return Err(("watching the liveness object", e)),
@@ -256,14 +254,14 @@ mod tests {
         .into_bytes()
     }
 
-    fn reply(acked: &[u64], timed_out: &[u64]) -> sys::Result<NotifyReply> {
-        Ok(NotifyReply {
-            acked: acked.iter().map(|g| (*g, 1)).collect(),
-            timed_out: timed_out.iter().map(|g| (*g, 1)).collect(),
+    fn reply(acked: &[u64], timed_out: &[u64]) -> sys::Result<NotifyReplies> {
+        Ok(NotifyReplies {
+            acks: acked.iter().map(|g| (*g, Vec::new())).collect(),
+            timeouts: timed_out.to_vec(),
         })
     }
 
-    fn never() -> sys::Result<NotifyReply> {
+    fn never() -> sys::Result<NotifyReplies> {
         panic!("the watchers must not be asked without a record naming the owner")
     }
 

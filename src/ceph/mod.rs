@@ -8,6 +8,7 @@
 pub mod images;
 pub mod liveness;
 pub mod ops;
+pub mod snapshots;
 pub mod sys;
 
 use std::path::PathBuf;

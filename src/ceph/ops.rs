@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::images::{self, Created, Disposal, ImageFacts};
-use super::sys::CreateSpec;
+use super::snapshots::{self, CloneSource, Snapshot};
+use super::sys::{CreateSpec, NotifyReplies};
 use super::Cluster;
 use crate::error::{Error, Result};
 
@@ -43,6 +44,44 @@ pub trait ClusterOps: Send + Sync {
     async fn messenger(&self) -> Result<Messenger>;
     /// Whether the client instance `addr` is on the OSD blocklist (fenced).
     async fn is_blocklisted(&self, addr: &str) -> Result<bool>;
+
+    // Day-two operations (see `super::snapshots`). The in-memory fake has none, so
+    // they default to "not supported" there.
+    async fn snapshots(&self, _pool: &str, _name: &str) -> Result<Vec<Snapshot>> {
+        Err(unsupported())
+    }
+    async fn snap_create(&self, _pool: &str, _name: &str, _snap: &str) -> Result<()> {
+        Err(unsupported())
+    }
+    async fn snap_remove(&self, _pool: &str, _name: &str, _snap: &str) -> Result<()> {
+        Err(unsupported())
+    }
+    async fn rollback(&self, _pool: &str, _name: &str, _snap: &str) -> Result<()> {
+        Err(unsupported())
+    }
+    async fn clone_volume(
+        &self,
+        _src: CloneSource,
+        _pool: &str,
+        _name: &str,
+        _meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        Err(unsupported())
+    }
+    /// Grows the image and marks its filesystem for growing; returns the old size.
+    async fn resize(&self, _pool: &str, _name: &str, _size: u64, _mark: String) -> Result<u64> {
+        Err(unsupported())
+    }
+    /// Notifies the watchers of `pool/oid` and collects their answers within `timeout`.
+    async fn notify(
+        &self,
+        _pool: &str,
+        _oid: &str,
+        _payload: Vec<u8>,
+        _timeout: Duration,
+    ) -> Result<NotifyReplies> {
+        Err(unsupported())
+    }
 }
 
 /// The monitors' messengers (from the monmap) and this client's `ms_*_mode` settings.
@@ -105,6 +144,10 @@ fn messenger(rados: &super::sys::Rados) -> Result<Messenger> {
             get("ms_mon_service_mode")?,
         ],
     })
+}
+
+fn unsupported() -> crate::error::Error {
+    crate::error::Error::NotSupported("snapshots, clones and resize need a real cluster".into())
 }
 
 #[async_trait]
@@ -186,6 +229,77 @@ impl ClusterOps for Cluster {
         })
         .await
     }
+
+    async fn snapshots(&self, pool: &str, name: &str) -> Result<Vec<Snapshot>> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("listing snapshots", SHORT_DEADLINE, move |r| {
+            snapshots::list(r, &pool, &name)
+        })
+        .await
+    }
+
+    async fn snap_create(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        let (pool, name, snap) = (pool.to_string(), name.to_string(), snap.to_string());
+        self.run("creating a snapshot", SHORT_DEADLINE, move |r| {
+            snapshots::create(r, &pool, &name, &snap)
+        })
+        .await
+    }
+
+    async fn snap_remove(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        let (pool, name, snap) = (pool.to_string(), name.to_string(), snap.to_string());
+        self.run("removing a snapshot", SHORT_DEADLINE, move |r| {
+            snapshots::remove(r, &pool, &name, &snap)
+        })
+        .await
+    }
+
+    async fn rollback(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        let (pool, name, snap) = (pool.to_string(), name.to_string(), snap.to_string());
+        self.run("rolling back to a snapshot", LONG_DEADLINE, move |r| {
+            snapshots::rollback(r, &pool, &name, &snap)
+        })
+        .await
+    }
+
+    async fn clone_volume(
+        &self,
+        src: CloneSource,
+        pool: &str,
+        name: &str,
+        meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("cloning a volume", LONG_DEADLINE, move |r| {
+            snapshots::clone(r, &src, &pool, &name, &meta)
+        })
+        .await
+    }
+
+    async fn resize(&self, pool: &str, name: &str, size: u64, mark: String) -> Result<u64> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run("resizing a volume", SHORT_DEADLINE, move |r| {
+            snapshots::resize(r, &pool, &name, size, &mark)
+        })
+        .await
+    }
+
+    async fn notify(
+        &self,
+        pool: &str,
+        oid: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<NotifyReplies> {
+        let (pool, oid) = (pool.to_string(), oid.to_string());
+        let op = format!("notifying the watchers of {pool}/{oid}");
+        let ctx = op.clone();
+        self.run(&op, timeout + Duration::from_secs(10), move |r| {
+            r.notify(&pool, &oid, &payload, timeout)
+                .map_err(|e| super::ceph_err(ctx, e))
+        })
+        .await
+    }
 }
 
 /// [`ClusterOps`] that remembers the last description of every volume that anyone
@@ -264,6 +378,46 @@ impl ClusterOps for Remembering {
 
     async fn is_blocklisted(&self, addr: &str) -> Result<bool> {
         self.inner.is_blocklisted(addr).await
+    }
+
+    async fn snapshots(&self, pool: &str, name: &str) -> Result<Vec<Snapshot>> {
+        self.inner.snapshots(pool, name).await
+    }
+
+    async fn snap_create(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        self.inner.snap_create(pool, name, snap).await
+    }
+
+    async fn snap_remove(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        self.inner.snap_remove(pool, name, snap).await
+    }
+
+    async fn rollback(&self, pool: &str, name: &str, snap: &str) -> Result<()> {
+        self.inner.rollback(pool, name, snap).await
+    }
+
+    async fn clone_volume(
+        &self,
+        src: CloneSource,
+        pool: &str,
+        name: &str,
+        meta: Vec<(String, String)>,
+    ) -> Result<Created> {
+        self.inner.clone_volume(src, pool, name, meta).await
+    }
+
+    async fn resize(&self, pool: &str, name: &str, size: u64, mark: String) -> Result<u64> {
+        self.inner.resize(pool, name, size, mark).await
+    }
+
+    async fn notify(
+        &self,
+        pool: &str,
+        oid: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<NotifyReplies> {
+        self.inner.notify(pool, oid, payload, timeout).await
     }
 }
 

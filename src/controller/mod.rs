@@ -5,8 +5,13 @@
 //! and resize belong here too. Results are typed; a front end (Docker's protocol in
 //! `api`, later CSI) turns them into its own shapes.
 
+mod daytwo;
+#[cfg(test)]
+mod daytwo_tests;
 #[cfg(test)]
 mod tests;
+
+pub use daytwo::{parse_snapshot_ref, FsGrow, Lineage, Resized, Snapped, SnapshotRow};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +51,7 @@ pub struct VolumeInfo {
     pub created_at: Option<String>,
     /// Set when the cluster could not be reached: why, and that this is the last state seen.
     pub stale: Option<String>,
+    pub snapshots: Vec<crate::ceph::sys::SnapInfo>,
 }
 
 pub struct Controller {
@@ -86,6 +92,9 @@ impl Controller {
 
     pub async fn create(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<()> {
         names::validate(name)?;
+        if opts.contains_key(daytwo::FROM) {
+            return self.create_from(name, opts).await;
+        }
         let wanted = VolumeOptions::parse(opts, &self.cfg.defaults, &self.cfg.pools)?;
         let lock = self.locks.get(name);
         let _serialised = lock.lock().await;
@@ -192,6 +201,7 @@ impl Controller {
             }),
             record,
             stale,
+            snapshots: f.snapshots.clone(),
         }
     }
 

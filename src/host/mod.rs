@@ -3,7 +3,9 @@
 //! and mounting filesystems, and who uses a mount or device.
 
 pub mod command;
+pub mod freeze;
 pub mod fs;
+pub mod grow;
 pub mod mapper;
 pub mod ops;
 pub mod usage;

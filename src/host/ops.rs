@@ -25,6 +25,8 @@ pub trait HostOps: Send + Sync {
     async fn mount(&self, device: &Path, target: &Path, fstype: &str, options: &str) -> Result<()>;
     /// Unmounts; not mounted counts as done, busy is an error.
     async fn umount(&self, target: &Path) -> Result<()>;
+    /// Grows the mounted filesystem to fill its device (after a resize).
+    async fn grow_fs(&self, fstype: &str, device: &Path, mountpoint: &Path) -> Result<()>;
     /// The mount table of this (the daemon's) mount namespace.
     fn mounts(&self) -> Result<Vec<MountEntry>>;
     /// Uses of the filesystem mounted by `own` anywhere on the host, besides copies of it.
@@ -73,6 +75,10 @@ impl HostOps for RealHost {
 
     async fn umount(&self, target: &Path) -> Result<()> {
         fs::umount(target).await
+    }
+
+    async fn grow_fs(&self, fstype: &str, device: &Path, mountpoint: &Path) -> Result<()> {
+        super::grow::grow(fstype, device, mountpoint).await
     }
 
     fn mounts(&self) -> Result<Vec<MountEntry>> {

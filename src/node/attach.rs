@@ -435,12 +435,53 @@ impl Attacher {
         })?;
         let options =
             crate::host::fs::mount_options(fstype, &user_options, read_only, stored.allow_suid_dev);
+        // ext4 grows online only with CAP_SYS_RESOURCE, which a managed plugin lacks,
+        // so it grows here, before the mount; xfs grows only while mounted.
+        let record = VolumeRecord::from_meta(&facts.meta);
+        let ext = fstype.starts_with("ext");
+        if let (Some(mark), false, true) = (&record.grow_fs, read_only, ext) {
+            self.grow_marked(&facts.pool, name, fstype, device, mountpoint, mark)
+                .await;
+        }
         self.host
             .mount(device, mountpoint, fstype, &options)
             .await?;
         crash_point("mount:after-mount");
         tracing::info!(volume = name, mountpoint = %mountpoint.display(), fstype = %fstype, options = %options, "mounted");
+        if let (Some(mark), false, false) = (&record.grow_fs, read_only, ext) {
+            self.grow_marked(&facts.pool, name, fstype, device, mountpoint, mark)
+                .await;
+        }
         Ok(())
+    }
+
+    /// The volume was resized while not mounted (or its holder could not grow it):
+    /// grows the filesystem to the device, then clears the mark. Neither failure fails
+    /// the Mount: a failed grow leaves the data as it was (mounted at its old size, the
+    /// mark kept for the next Mount), and a mark that could not be cleared (a kernel
+    /// client's lock refuses the daemon's metadata writes) only makes the next Mount
+    /// grow again, which finds nothing to do.
+    async fn grow_marked(
+        &self,
+        pool: &str,
+        name: &str,
+        fstype: &str,
+        device: &Path,
+        mountpoint: &Path,
+        mark: &str,
+    ) {
+        if let Err(e) = self.host.grow_fs(fstype, device, mountpoint).await {
+            tracing::warn!(volume = name, resize = %mark, error = %e, "could not grow the filesystem; mounting it at its old size, the next Mount tries again");
+            return;
+        }
+        tracing::info!(volume = name, resize = %mark, "grew the filesystem to the volume's size");
+        if let Err(e) = self
+            .cluster
+            .set_meta(pool, name, vec![(key::GROW_FS, None)])
+            .await
+        {
+            tracing::info!(volume = name, error = %e, "the grow mark stays until a later Mount clears it (growing again is a no-op)");
+        }
     }
 
     /// Unmounts and unmaps. A busy filesystem, or a device something else still

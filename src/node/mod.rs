@@ -6,6 +6,7 @@
 //! chosen in `main.rs`, so each decision here is unit-tested with fakes.
 
 pub mod attach;
+pub mod control;
 mod mounts;
 mod orphans;
 pub mod reconcile;
@@ -183,6 +184,27 @@ impl Node {
             fenced: count(&|v| v.fenced),
             io,
         }
+    }
+
+    /// Every volume mounted here, as the holder of snapshot and resize requests needs it.
+    pub fn control_targets(&self) -> BTreeMap<String, control::Target> {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.volumes
+            .iter()
+            .filter(|(_, a)| !a.fenced)
+            .map(|(n, a)| {
+                (
+                    n.clone(),
+                    control::Target {
+                        pool: a.pool.clone(),
+                        mountpoint: a.mountpoint.clone(),
+                        device: a.mapping.device.clone(),
+                        fstype: a.fstype.clone(),
+                        read_only: a.read_only,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Mount points of every volume mounted here, by name.

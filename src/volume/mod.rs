@@ -5,6 +5,7 @@
 //! promise never to format twice rests on `formatted` and `first-mapped` meaning the
 //! same thing to every host and every version.
 
+pub mod control;
 pub mod fsopts;
 pub mod names;
 pub mod options;
@@ -34,6 +35,11 @@ pub mod key {
     pub const FORMATTED: &str = "formatted";
     /// Set on the first mount: only before it is an rbdvol-created image known to be zeros.
     pub const FIRST_MAPPED: &str = "first-mapped";
+    /// `pool/volume@snapshot` a volume was cloned from (its lineage).
+    pub const ORIGIN: &str = "origin";
+    /// Set by a resize: the filesystem is grown to the device at the next Mount (or by
+    /// the holder at once), then the key is removed.
+    pub const GROW_FS: &str = "grow-fs";
     /// The owner record the holder of the exclusive lock writes.
     pub const OWNER_HOST: &str = "owner.host";
     pub const OWNER_ADDR: &str = "owner.addr";
@@ -141,6 +147,8 @@ pub struct VolumeRecord {
     pub created_at: Option<String>,
     pub formatted: Option<String>,
     pub first_mapped: Option<String>,
+    pub origin: Option<String>,
+    pub grow_fs: Option<String>,
     pub owner_host: Option<String>,
     pub owner_addr: Option<String>,
     pub owner_since: Option<String>,
@@ -161,6 +169,8 @@ impl VolumeRecord {
             created_at: get(key::CREATED_AT),
             formatted: get(key::FORMATTED),
             first_mapped: get(key::FIRST_MAPPED),
+            origin: get(key::ORIGIN),
+            grow_fs: get(key::GROW_FS),
             owner_host: get(key::OWNER_HOST),
             owner_addr: get(key::OWNER_ADDR),
             owner_since: get(key::OWNER_SINCE),

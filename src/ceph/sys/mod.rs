@@ -285,10 +285,12 @@ pub(super) fn split_nul_list(bytes: &[u8]) -> Vec<String> {
 
 mod conn;
 mod image;
+mod snap;
 mod watch;
 
 pub use conn::*;
 pub use image::*;
+pub use snap::*;
 pub use watch::*;
 
 #[cfg(test)]

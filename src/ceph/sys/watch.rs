@@ -1,11 +1,16 @@
-//! Plain RADOS objects for the liveness signal (part of the unsafe `sys` module): a
-//! watch with its own timeout (`rados_watch3`, which the `ceph` crate does not bind),
-//! small whole-object reads and writes, and a notify that says which clients still
-//! hold a watch on an object.
+//! RADOS watch/notify on one object (part of the unsafe `sys` module), and the small
+//! whole-object reads and writes that go with it. Two users:
+//! - the liveness signal ([`crate::ceph::liveness`]): a watch with its own short
+//!   timeout (`rados_watch3`, which the `ceph` crate does not bind) whose notifies are
+//!   acknowledged at once, so a taker asking "who is watching?" hears in milliseconds;
+//! - the volume control channel ([`crate::node::control`]): the daemon holding a volume
+//!   watches, and a command on any host notifies and reads every watcher's reply, or
+//!   learns which watchers did not answer in time. No port of its own.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr;
-use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ceph::rados::{self, rados_ioctx_t, rados_watchcb2_t, rados_watcherrcb_t};
@@ -25,59 +30,106 @@ extern "C" {
     ) -> c_int;
 }
 
-/// What the callback needs to acknowledge a notify: the watch's own pool context and
-/// object name. Boxed so its address stays put while librados holds it.
-struct AckTarget {
-    io: rados_ioctx_t,
-    oid: CString,
+/// A message that reached a watch.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub notify_id: u64,
+    pub cookie: u64,
+    pub payload: Vec<u8>,
 }
 
-/// Acknowledges every notify at once, so a taker asking "who is watching?" gets its
-/// answer in milliseconds instead of waiting out its notify timeout.
-extern "C" fn ack_notify(
+/// What a watch does with the notifies it receives.
+pub enum OnNotify {
+    /// Acknowledge at once, with no payload.
+    Ack,
+    /// Hand each one over; the receiver answers with [`Watch::ack`].
+    Deliver(Sender<Notification>),
+}
+
+/// What the callbacks need: the watch's own pool context and object name, and where
+/// notifies go. Boxed so its address stays put while librados holds it.
+struct Target {
+    io: rados_ioctx_t,
+    oid: CString,
+    deliver: Option<Mutex<Sender<Notification>>>,
+}
+
+extern "C" fn on_notify(
     arg: *mut c_void,
     notify_id: u64,
     cookie: u64,
     _notifier_id: u64,
-    _data: *mut c_void,
-    _len: usize,
+    data: *mut c_void,
+    len: usize,
 ) {
-    // SAFETY: `arg` is the AckTarget boxed in the Watch, which outlives the watch
+    // SAFETY: `arg` is the Target boxed in the Watch, which outlives the watch
     // (unwatched and flushed before it is freed).
-    let t = unsafe { &*(arg as *const AckTarget) };
-    // SAFETY: valid pool context and object name; no payload.
-    unsafe { rados::rados_notify_ack(t.io, t.oid.as_ptr(), notify_id, cookie, ptr::null(), 0) };
+    let t = unsafe { &*(arg as *const Target) };
+    let Some(deliver) = &t.deliver else {
+        // SAFETY: valid pool context and object name; no payload.
+        unsafe { rados::rados_notify_ack(t.io, t.oid.as_ptr(), notify_id, cookie, ptr::null(), 0) };
+        return;
+    };
+    let payload = if data.is_null() || len == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: librados passes `len` readable bytes at `data` for this call.
+        unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec()
+    };
+    let tx = deliver.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = tx.send(Notification {
+        notify_id,
+        cookie,
+        payload,
+    });
 }
 
-/// A watch on one object with its own timeout, held for as long as this value lives.
-/// The OSD drops it when no ping from this client arrived for `timeout`; librados pings
-/// every `objecter_tick_interval`.
+extern "C" fn on_error(_arg: *mut c_void, cookie: u64, err: c_int) {
+    // The owner notices through `Watch::check` and watches again.
+    tracing::warn!(cookie, error = %Errno(-err).describe(), "a watch was lost");
+}
+
+/// A watch on one object, held for as long as this value lives. With a timeout, the
+/// OSD drops it when no ping from this client arrived for that long (librados pings
+/// every `objecter_tick_interval`); without one, after `osd_client_watch_timeout`.
 pub struct Watch {
     // Dropped in this order by hand (see Drop): unwatch, flush callbacks, then the
-    // callback target, the pool context and the connection.
+    // target, the pool context and the connection.
     cookie: u64,
-    target: Box<AckTarget>,
+    target: Box<Target>,
     timeout: u32,
     rados: Arc<Rados>,
 }
 
 // SAFETY: the pool context is used by librados' callback thread and by this value's
-// methods, which librados allows concurrently; it is destroyed only in Drop.
+// methods (acks, checks, writes), which librados allows concurrently from any thread;
+// it is destroyed only in Drop.
 unsafe impl Send for Watch {}
+unsafe impl Sync for Watch {}
 
 impl Watch {
-    pub fn start(rados: Arc<Rados>, pool: &str, oid: &str, timeout: Duration) -> Result<Watch> {
+    /// Watches `pool/oid`, which must exist. `timeout` is whole seconds; zero means the
+    /// cluster's `osd_client_watch_timeout`.
+    pub fn start(
+        rados: Arc<Rados>,
+        pool: &str,
+        oid: &str,
+        timeout: Duration,
+        on: OnNotify,
+    ) -> Result<Watch> {
         let p = cstr(pool)?;
+        let oid = cstr(oid)?;
         let mut io: rados_ioctx_t = ptr::null_mut();
         // SAFETY: valid connected handle, string and out-pointer.
         check(unsafe { rados::rados_ioctx_create(rados.handle, p.as_ptr(), &mut io) })?;
+        let deliver = match on {
+            OnNotify::Ack => None,
+            OnNotify::Deliver(tx) => Some(Mutex::new(tx)),
+        };
         let mut w = Watch {
             cookie: 0,
-            target: Box::new(AckTarget {
-                io,
-                oid: cstr(oid)?,
-            }),
-            timeout: timeout.as_secs().clamp(1, u32::MAX as u64) as u32,
+            target: Box::new(Target { io, oid, deliver }),
+            timeout: timeout.as_secs().min(u32::MAX as u64) as u32,
             rados,
         };
         w.register()?;
@@ -85,7 +137,7 @@ impl Watch {
     }
 
     fn register(&mut self) -> Result<()> {
-        let arg = &*self.target as *const AckTarget as *mut c_void;
+        let arg = &*self.target as *const Target as *mut c_void;
         let mut cookie = 0u64;
         // SAFETY: valid pool context, name and out-pointer; `arg` lives as long as self.
         check(unsafe {
@@ -93,8 +145,8 @@ impl Watch {
                 self.target.io,
                 self.target.oid.as_ptr(),
                 &mut cookie,
-                Some(ack_notify),
-                None,
+                Some(on_notify),
+                Some(on_error),
                 self.timeout,
                 arg,
             )
@@ -124,6 +176,23 @@ impl Watch {
         }
     }
 
+    /// Answers one delivered notification; the notifier sees `reply` as this watcher's
+    /// answer.
+    pub fn ack(&self, n: &Notification, reply: &[u8]) -> Result<()> {
+        // SAFETY: valid pool context and name; `reply` is readable for its length.
+        check(unsafe {
+            rados::rados_notify_ack(
+                self.target.io,
+                self.target.oid.as_ptr(),
+                n.notify_id,
+                n.cookie,
+                reply.as_ptr() as *const c_char,
+                reply.len() as c_int,
+            )
+        })
+        .map(|_| ())
+    }
+
     /// Replaces the object's contents (the watch's own pool context).
     pub fn write_full(&self, data: &[u8]) -> Result<()> {
         // SAFETY: valid pool context, name and buffer.
@@ -150,28 +219,34 @@ impl Drop for Watch {
     }
 }
 
-/// Which clients answered a notify (acked) and which hold a watch but did not answer
-/// in time: (global id, watch cookie) pairs.
+/// The answers to one notify.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NotifyReply {
-    pub acked: Vec<(u64, u64)>,
-    pub timed_out: Vec<(u64, u64)>,
+pub struct NotifyReplies {
+    /// (global id of the watcher's client, its reply).
+    pub acks: Vec<(u64, Vec<u8>)>,
+    /// Global ids of the clients that hold a watch but did not answer in time.
+    pub timeouts: Vec<u64>,
 }
 
-impl NotifyReply {
+impl NotifyReplies {
+    /// Whether client `gid` still holds a watch on the object (answered or not).
+    pub fn watching(&self, gid: u64) -> bool {
+        self.acks.iter().any(|(g, _)| *g == gid) || self.timeouts.contains(&gid)
+    }
+
     /// librados' reply encoding: le32 count, then (le64 gid, le64 cookie, le32 len,
     /// payload) per ack; le32 count, then (le64 gid, le64 cookie) per timeout.
-    pub fn decode(b: &[u8]) -> Option<NotifyReply> {
+    pub fn decode(b: &[u8]) -> Option<NotifyReplies> {
         let mut c = Cursor(b);
-        let mut reply = NotifyReply::default();
+        let mut reply = NotifyReplies::default();
         for _ in 0..c.u32()? {
-            let (gid, cookie) = (c.u64()?, c.u64()?);
+            let (gid, _cookie) = (c.u64()?, c.u64()?);
             let len = c.u32()? as usize;
-            c.take(len)?;
-            reply.acked.push((gid, cookie));
+            reply.acks.push((gid, c.take(len)?.to_vec()));
         }
         for _ in 0..c.u32()? {
-            reply.timed_out.push((c.u64()?, c.u64()?));
+            let (gid, _cookie) = (c.u64()?, c.u64()?);
+            reply.timeouts.push(gid);
         }
         Some(reply)
     }
@@ -210,6 +285,13 @@ impl Pool<'_> {
         .map(|_| ())
     }
 
+    /// Creates an object if it does not exist, leaving any contents as they are.
+    pub fn touch_object(&self, oid: &str) -> Result<()> {
+        let o = cstr(oid)?;
+        // SAFETY: valid pool context and name; an empty write only creates.
+        check(unsafe { rados::rados_write(self.io, o.as_ptr(), ptr::null(), 0, 0) }).map(|_| ())
+    }
+
     /// Removes an object; one that does not exist counts as removed.
     pub fn remove_object(&self, oid: &str) -> Result<()> {
         let o = cstr(oid)?;
@@ -233,19 +315,20 @@ impl Pool<'_> {
         Ok(Some(buf))
     }
 
-    /// Notifies the watchers of `oid` and waits up to `timeout` for their answers.
-    /// A watcher that did not answer in time is in `timed_out` (it still holds a
-    /// watch); one whose watch the OSD dropped is in neither list.
-    pub fn notify(&self, oid: &str, timeout: Duration) -> Result<NotifyReply> {
+    /// Notifies the watchers of `oid` and waits up to `timeout` for their answers. A
+    /// watcher that did not answer in time is in `timeouts` (it still holds a watch);
+    /// one whose watch the OSD dropped is in neither list. A missing object is ENOENT.
+    pub fn notify(&self, oid: &str, payload: &[u8], timeout: Duration) -> Result<NotifyReplies> {
         let o = cstr(oid)?;
         let (mut out, mut len): (*mut c_char, usize) = (ptr::null_mut(), 0);
-        // SAFETY: valid pool context and name; librados allocates the reply, freed below.
+        // SAFETY: valid pool context, name and payload; librados allocates the reply,
+        // freed below.
         let rc = unsafe {
             rados::rados_notify2(
                 self.io,
                 o.as_ptr(),
-                ptr::null(),
-                0,
+                payload.as_ptr() as *const c_char,
+                payload.len() as c_int,
                 timeout.as_millis() as u64,
                 &mut out,
                 &mut len,
@@ -264,7 +347,23 @@ impl Pool<'_> {
         if !answered {
             return Err(Errno(-rc));
         }
-        NotifyReply::decode(&bytes).ok_or(Errno(libc::EBADMSG))
+        NotifyReplies::decode(&bytes).ok_or(Errno(libc::EBADMSG))
+    }
+}
+
+impl Rados {
+    /// [`Pool::notify`] by pool name; a missing object has no watchers (no replies).
+    pub fn notify(
+        &self,
+        pool: &str,
+        oid: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<NotifyReplies> {
+        match self.pool(pool)?.notify(oid, payload, timeout) {
+            Err(e) if e.0 == libc::ENOENT => Ok(NotifyReplies::default()),
+            r => r,
+        }
     }
 }
 
@@ -285,11 +384,12 @@ mod tests {
         b.extend(1u32.to_le_bytes());
         b.extend(4200u64.to_le_bytes());
         b.extend(3u64.to_le_bytes());
-        let r = NotifyReply::decode(&b).unwrap();
-        assert_eq!(r.acked, vec![(4101, 7), (4102, 9)]);
-        assert_eq!(r.timed_out, vec![(4200, 3)]);
+        let r = NotifyReplies::decode(&b).unwrap();
+        assert_eq!(r.acks, vec![(4101, vec![]), (4102, b"hi".to_vec())]);
+        assert_eq!(r.timeouts, vec![4200]);
+        assert!(r.watching(4102) && r.watching(4200) && !r.watching(4103));
         // Truncated replies are refused, not half-read.
-        assert_eq!(NotifyReply::decode(&b[..b.len() - 1]), None);
-        assert_eq!(NotifyReply::decode(&[]), None);
+        assert_eq!(NotifyReplies::decode(&b[..b.len() - 1]), None);
+        assert_eq!(NotifyReplies::decode(&[]), None);
     }
 }
