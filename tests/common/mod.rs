@@ -21,6 +21,7 @@ pub mod e2e;
 pub mod host;
 pub mod net;
 pub mod nodes;
+pub mod swarm;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
