@@ -22,6 +22,7 @@ pub mod guest;
 pub mod host;
 pub mod net;
 pub mod nodes;
+pub mod swarm;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

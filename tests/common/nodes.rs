@@ -339,6 +339,55 @@ impl DockerNode {
         assert!(st.success(), "docker-node join {pid}");
     }
 
+    /// Runs `integration/docker-node ARGS...` for this node (ID first), 60 s deadline.
+    fn node_script(&self, cmd: &str, args: &[&str]) {
+        let out = Command::new("timeout")
+            .args(["-k", "5", "60"])
+            .arg(script("docker-node"))
+            .args([cmd, &self.id])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker-node {cmd} {} {args:?}: {}",
+            self.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// SIGKILLs every process of the node (dockerd, containerd, shims, containers and
+    /// the plugins it adopted), as if the machine lost power; its files stay.
+    pub fn kill(&mut self) {
+        self.node_script("kill", &[]);
+        if let Some(mut child) = self.dockerd.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Gives the node a second address, on hub network `hub` (see tests/common/swarm.rs).
+    pub fn link(&self, hub: &str, addr_prefix: &str) {
+        self.node_script("link", &[hub, addr_prefix]);
+    }
+
+    /// Cuts the node off from the test network and hub `hub` (`up = false`), or
+    /// reconnects it; everything on the node keeps running.
+    pub fn cut(&self, up: bool, hub: &str) {
+        self.node_script("cut", &[if up { "up" } else { "down" }, hub]);
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the node's dockerd alone: its containers
+    /// keep running, but its engine (and a Swarm agent in it) does nothing.
+    pub fn freeze_engine(&self, frozen: bool) {
+        let pid = self.dockerd.as_ref().expect("the node's dockerd").id();
+        let sig = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+    }
+
     /// Mount points at or below `dir` as the node's dockerd sees them.
     pub fn mounts_under(&self, dir: &Path) -> Vec<String> {
         let pid = self.dockerd.as_ref().map(Child::id).unwrap_or(0);
