@@ -256,7 +256,7 @@ pub struct HostState {
     pub content: HashMap<PathBuf, Content>,
     /// Devices formatted so far, with their filesystem.
     pub formatted: HashMap<PathBuf, String>,
-    /// Steps that fail: "probe", "mkfs", "preen", "mount", "umount".
+    /// Steps that fail: "probe", "mkfs", "preen", "mount", "umount", "grow".
     pub fail: HashSet<&'static str>,
     /// Mount points whose unmount is refused as busy.
     pub busy: HashSet<PathBuf>,

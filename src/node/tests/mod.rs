@@ -13,6 +13,7 @@ use crate::host::fs::{Content, Probe};
 use crate::host::mapper::{Health, KernelMapping, MapperKind};
 use crate::testing::*;
 
+mod grow;
 mod reconcile;
 
 struct World {
