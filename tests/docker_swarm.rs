@@ -95,8 +95,20 @@ fn tuned_swarm(key: &str) -> Option<Swarm> {
     Some(Swarm::start(key, 2, Tuning::Tuned, &[]))
 }
 
-/// What an exporter logs when it takes a volume over from a dead holder.
-const TAKEOVER: &str = "declaring it dead, fencing it and taking the lock over";
+/// What an exporter logs when it takes a volume over from a dead holder (the warning in
+/// src/export/lock.rs, whichever rule declared the holder dead). The clean-migration
+/// test asserts its absence, so it must match the current wording exactly.
+const TAKEOVER: &str = "declaring the lock owner dead, fencing it and taking the lock over";
+
+/// The kill test looks for TAKEOVER and the clean-migration test for its absence; if the
+/// exporter's wording changed, the first would fail and the second could never fail.
+#[test]
+fn takeover_marker_is_the_exporters_wording() {
+    assert!(
+        include_str!("../src/export/lock.rs").contains(TAKEOVER),
+        "src/export/lock.rs no longer logs {TAKEOVER:?}; update TAKEOVER"
+    );
+}
 
 const WORKERS_ONLY: &[&str] = &["--constraint", "node.role==worker"];
 
@@ -243,7 +255,7 @@ fn clean_migration_takes_no_takeover() {
         );
     }
     // How long the new node's Mounts took (for the report; a takeover would wait for
-    // the watch timeout).
+    // the holder's liveness or header watch to expire).
     let log = s.plugins[2].log();
     let mounts: Vec<&str> = log
         .lines()
