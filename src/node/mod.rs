@@ -6,6 +6,7 @@
 //! chosen in `main.rs`, so each decision here is unit-tested with fakes.
 
 pub mod attach;
+mod csi;
 mod mounts;
 mod orphans;
 pub mod reconcile;
@@ -66,6 +67,8 @@ pub struct Node {
     /// Volumes mounted on this host. Never held across an await.
     table: Mutex<RefTable>,
     locks: NameLocks,
+    /// Serialises CSI stage/publish of one volume (outside `locks`, which Mount takes).
+    csi_locks: NameLocks,
 }
 
 impl Node {
@@ -98,6 +101,7 @@ impl Node {
             attacher,
             table: Mutex::new(table),
             locks: NameLocks::default(),
+            csi_locks: NameLocks::default(),
         })
     }
 
