@@ -215,8 +215,14 @@ async fn serve(args: &ServeArgs) -> Result<()> {
             stopped(),
         )))
     };
-    let csi_server =
-        csi_listener.map(|l| tokio::spawn(api::csi::serve(l, driver.clone(), stopped())));
+    let csi_server = csi_listener.map(|l| {
+        tokio::spawn(api::csi::serve(
+            l,
+            driver.clone(),
+            settings.ceph.clone(),
+            stopped(),
+        ))
+    });
     if let Some(tcp) = metrics_listener {
         tokio::spawn(rbdvol::metrics::serve(tcp, stopped()));
     }

@@ -653,3 +653,92 @@ async fn readers_are_read_only_and_share_where_the_mapper_allows() {
     }
     a.delete(&name).await.unwrap();
 }
+
+/// `ceph auth get-or-create-key` for an RBD user of the test cluster.
+fn cephx_user(name: &str) -> String {
+    let out = std::process::Command::new("timeout")
+        .args(["-k", "5", "60", "ceph", "-c"])
+        .arg(ceph_conf())
+        .args(["auth", "get-or-create-key", &format!("client.{name}")])
+        .args(["mon", "profile rbd", "osd", "profile rbd"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swarm_secrets_carry_the_cephx_user() {
+    let h = Host::start("csi-sec", &[]).await;
+    let key = cephx_user("csi-secrets");
+    let create = |name: String, secrets: &[(&str, &str)]| {
+        let mut c = h.ctl();
+        let secrets: HashMap<String, String> = secrets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        async move {
+            c.create_volume(csi::CreateVolumeRequest {
+                name,
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 64 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
+                secrets,
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let name = unique("csis");
+    create(
+        name.clone(),
+        &[("userID", "csi-secrets"), ("userKey", &key)],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", h.d.log()));
+    assert!(images_in("rbd").contains(&name));
+
+    // A wrong key is the user's, not the keyring's: refused, nothing created.
+    let wrong = unique("csis");
+    let bad_key = "AQBqYWRqb2tlcnlrZXlrZXlrZXlrZXlrZXlrZXk9PQ==";
+    let e = create(
+        wrong.clone(),
+        &[("userID", "csi-secrets"), ("userKey", bad_key)],
+    )
+    .await
+    .unwrap_err();
+    assert_ne!(e.code(), Code::Ok);
+    assert!(
+        !images_in("rbd").contains(&wrong),
+        "created with a wrong key: {e:?}"
+    );
+    refused(
+        create(wrong.clone(), &[("userID", "csi-secrets")]).await,
+        Code::InvalidArgument,
+        "go together",
+    );
+    refused(
+        create(wrong.clone(), &[("password", "x")]).await,
+        Code::InvalidArgument,
+        "userKey",
+    );
+    assert!(!images_in("rbd").contains(&wrong));
+
+    let mut c = h.ctl();
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: name.clone(),
+        secrets: HashMap::from([
+            ("userID".into(), "csi-secrets".into()),
+            ("userKey".into(), key.clone()),
+        ]),
+    })
+    .await
+    .unwrap();
+    assert!(trashed_names("rbd").contains(&name));
+}

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use bpfman_csi::v1 as csi;
 use tonic::{Request, Response, Status};
 
+use super::creds::{Credentials, Picked};
 use super::{bad, check_capabilities, status, volume_id, Backends};
+use crate::config::CephSettings;
+use crate::controller::Controller;
 use crate::error::Error;
 use crate::volume::key;
 
@@ -19,11 +22,22 @@ type Reply<T> = std::result::Result<Response<T>, Status>;
 
 pub struct CsiController {
     backends: Arc<Backends>,
+    creds: Credentials,
 }
 
 impl CsiController {
-    pub fn new(backends: Arc<Backends>) -> CsiController {
-        CsiController { backends }
+    pub fn new(backends: Arc<Backends>, ceph: CephSettings) -> CsiController {
+        CsiController {
+            backends,
+            creds: Credentials::new(ceph),
+        }
+    }
+
+    /// The controller for a request's secrets (the user's own connection) or none.
+    fn pick(&self, secrets: &HashMap<String, String>) -> std::result::Result<Picked<'_>, Status> {
+        self.creds
+            .pick(&self.backends.controller, secrets)
+            .map_err(status)
     }
 
     /// The image size for a capacity range: the required bytes (rounded up to the 4 KiB
@@ -53,10 +67,11 @@ impl CsiController {
 
     async fn volume(
         &self,
+        c: &Controller,
         name: &str,
         context: HashMap<String, String>,
     ) -> Reply<csi::CreateVolumeResponse> {
-        let info = self.backends.controller.get(name).await.map_err(status)?;
+        let info = c.get(name).await.map_err(status)?;
         let mut volume_context = context;
         volume_context.insert("pool".into(), info.pool.clone());
         Ok(Response::new(csi::CreateVolumeResponse {
@@ -92,12 +107,9 @@ impl csi::controller_server::Controller for CsiController {
         if let Some(size) = Self::size_for(req.capacity_range.as_ref())? {
             opts.insert(key::SIZE.into(), size.to_string());
         }
-        self.backends
-            .controller
-            .create(name, &opts)
-            .await
-            .map_err(status)?;
-        self.volume(name, HashMap::new()).await
+        let c = self.pick(&req.secrets)?;
+        c.create(name, &opts).await.map_err(status)?;
+        self.volume(&c, name, HashMap::new()).await
     }
 
     async fn delete_volume(
@@ -106,13 +118,10 @@ impl csi::controller_server::Controller for CsiController {
     ) -> Reply<csi::DeleteVolumeResponse> {
         let name = volume_id(&req.get_ref().volume_id)?.to_string();
         let b = &self.backends;
+        let c = self.pick(&req.get_ref().secrets)?;
         // As Docker's Remove: never while mounted on this host; the cluster refuses
         // while any other host holds or watches the image; the policy says trash or not.
-        match b
-            .node
-            .while_unmounted(&name, b.controller.remove(&name))
-            .await
-        {
+        match b.node.while_unmounted(&name, c.remove(&name)).await {
             Ok(()) | Err(Error::NotFound(_)) => Ok(Response::new(csi::DeleteVolumeResponse {})),
             Err(e) => Err(status(e)),
         }
@@ -132,7 +141,8 @@ impl csi::controller_server::Controller for CsiController {
             .as_ref()
             .ok_or_else(|| bad("volume_capability is required"))?;
         let sharing = super::check_capability(cap).map_err(bad)?;
-        self.backends.controller.get(name).await.map_err(status)?;
+        let c = self.pick(&req.secrets)?;
+        c.get(name).await.map_err(status)?;
         let readonly = req.readonly || sharing == super::Sharing::ReadOnly;
         tracing::info!(volume = name, node = %req.node_id, readonly, "csi: published (the node takes the lock at stage)");
         Ok(Response::new(csi::ControllerPublishVolumeResponse {
@@ -159,7 +169,8 @@ impl csi::controller_server::Controller for CsiController {
         if req.volume_capabilities.is_empty() {
             return Err(bad("volume_capabilities is required"));
         }
-        self.backends.controller.get(name).await.map_err(status)?;
+        let c = self.pick(&req.secrets)?;
+        c.get(name).await.map_err(status)?;
         let reply = match check_capabilities(&req.volume_capabilities) {
             Ok(_) => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {

@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 mod controller;
+pub mod creds;
 mod node;
 
 use std::path::PathBuf;
@@ -187,6 +188,7 @@ pub async fn bind(endpoint: &str) -> Result<(tokio::net::UnixListener, PathBuf)>
 pub async fn serve(
     (listener, path): (tokio::net::UnixListener, PathBuf),
     backends: Arc<Backends>,
+    ceph: crate::config::CephSettings,
     stopped: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let _remove_on_exit = super::SocketGuard(path.clone());
@@ -194,7 +196,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(csi::identity_server::IdentityServer::new(CsiIdentity))
         .add_service(csi::controller_server::ControllerServer::new(
-            CsiController::new(backends.clone()),
+            CsiController::new(backends.clone(), ceph),
         ))
         .add_service(csi::node_server::NodeServer::new(CsiNode::new(backends)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped)
