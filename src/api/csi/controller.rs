@@ -316,3 +316,31 @@ impl csi::controller_server::Controller for CsiController {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(required: i64, limit: i64) -> Option<csi::CapacityRange> {
+        Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        })
+    }
+
+    #[test]
+    fn capacity_ranges_become_4k_sizes_within_the_range() {
+        let size = |r: Option<csi::CapacityRange>| CsiController::size_for(r.as_ref());
+        assert_eq!(size(None).unwrap(), None);
+        assert_eq!(size(range(0, 0)).unwrap(), None);
+        assert_eq!(size(range(1 << 30, 0)).unwrap(), Some(1 << 30));
+        assert_eq!(size(range(1000, 0)).unwrap(), Some(4096));
+        assert_eq!(size(range(0, 10_000)).unwrap(), Some(8192));
+        assert_eq!(size(range(5000, 8192)).unwrap(), Some(8192));
+        assert!(
+            size(range(5000, 6000)).is_err(),
+            "no 4 KiB multiple in [5000, 6000]"
+        );
+        assert!(size(range(-1, 0)).is_err());
+    }
+}

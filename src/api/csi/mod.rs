@@ -203,3 +203,98 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Config(format!("CSI server on {}: {e}", path.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
+
+    fn cap(mode: Mode, access: AccessType) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(access),
+        }
+    }
+    fn mount() -> AccessType {
+        AccessType::Mount(MountVolume::default())
+    }
+
+    #[test]
+    fn one_writer_or_readers_only() {
+        for m in [
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter,
+        ] {
+            assert_eq!(check_capability(&cap(m, mount())), Ok(Sharing::OneWriter));
+        }
+        for m in [Mode::SingleNodeReaderOnly, Mode::MultiNodeReaderOnly] {
+            assert_eq!(check_capability(&cap(m, mount())), Ok(Sharing::ReadOnly));
+        }
+        for m in [
+            Mode::MultiNodeSingleWriter,
+            Mode::MultiNodeMultiWriter,
+            Mode::Unknown,
+        ] {
+            let why = check_capability(&cap(m, mount())).unwrap_err();
+            assert!(why.contains("--sharing"), "{why}");
+        }
+        let block = AccessType::Block(BlockVolume {});
+        let why = check_capability(&cap(Mode::SingleNodeWriter, block)).unwrap_err();
+        assert!(why.contains("--type mount"), "{why}");
+        let flags = AccessType::Mount(MountVolume {
+            mount_flags: vec!["noexec".into()],
+            ..Default::default()
+        });
+        assert!(check_capability(&cap(Mode::SingleNodeWriter, flags)).is_err());
+        assert!(check_capabilities(&[]).is_err());
+    }
+
+    #[test]
+    fn errors_map_to_the_codes_the_spec_gives() {
+        let cases = [
+            (Error::NotFound("v".into()), Code::NotFound),
+            (
+                Error::InvalidOption {
+                    key: "pool".into(),
+                    value: "x".into(),
+                    reason: "no".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                Error::Conflict {
+                    name: "v".into(),
+                    existing: "size=1".into(),
+                    requested: "size=2".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                Error::HeldElsewhere("in use on b".into()),
+                Code::FailedPrecondition,
+            ),
+            (Error::Unavailable("mons".into()), Code::Unavailable),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            let s = status(e);
+            assert_eq!(s.code(), code);
+            assert_eq!(s.message(), text, "the message is the error's own words");
+        }
+    }
+
+    #[test]
+    fn endpoints_are_unix_socket_paths() {
+        assert_eq!(
+            endpoint_path("unix:///run/x/csi.sock").unwrap(),
+            PathBuf::from("/run/x/csi.sock")
+        );
+        assert_eq!(
+            endpoint_path("/run/csi.sock").unwrap(),
+            PathBuf::from("/run/csi.sock")
+        );
+        assert!(endpoint_path("tcp://0.0.0.0:1").is_err());
+        assert!(endpoint_path("unix://relative.sock").is_err());
+    }
+}
