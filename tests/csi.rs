@@ -8,170 +8,13 @@
 
 mod common;
 
+#[path = "csi/fixtures.rs"]
+mod fixtures;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use bpfman_csi::v1 as csi;
-use csi::controller_client::ControllerClient;
-use csi::identity_client::IdentityClient;
-use csi::node_client::NodeClient;
-use csi::volume_capability::access_mode::Mode;
-use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
-use tonic::transport::Channel;
-use tonic::Code;
-
-use common::*;
-
-const MIB: i64 = 1 << 20;
-
-/// One "host": a daemon serving both APIs, its CSI client and a scratch directory
-/// where the CO's staging and target paths live.
-struct Host {
-    d: Daemon,
-    scratch: tempfile::TempDir,
-    ch: Channel,
-}
-
-impl Host {
-    async fn start(id: &str, env: &[(&str, &str)]) -> Host {
-        let scratch = tempfile::Builder::new().prefix("csi-t").tempdir().unwrap();
-        let sock = scratch.path().join("csi.sock");
-        let mut opts = DaemonOpts::host(id).env(
-            "RBDVOL_CSI__ENDPOINT",
-            &format!("unix://{}", sock.display()),
-        );
-        for (k, v) in env {
-            opts = opts.env(k, v);
-        }
-        let d = Daemon::start(opts);
-        for _ in 0..100 {
-            if sock.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let path = sock.clone();
-        let ch = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                tokio::net::UnixStream::connect(path.clone())
-            }))
-            .await
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", sock.display(), d.log()));
-        Host { d, scratch, ch }
-    }
-
-    fn ctl(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.ch.clone())
-    }
-    fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.ch.clone())
-    }
-    /// A flat path under the scratch dir, as swarmkit hands out (the leaf may not exist).
-    fn path(&self, leaf: &str) -> PathBuf {
-        self.scratch.path().join(leaf)
-    }
-
-    async fn stage(&self, vol: &str, staging: &Path, mode: Mode) -> Result<(), tonic::Status> {
-        self.node()
-            .node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: vol.into(),
-                staging_target_path: staging.display().to_string(),
-                volume_capability: Some(cap(mode)),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-    }
-    async fn unstage(&self, vol: &str, staging: &Path) {
-        self.node()
-            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: vol.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("unstage {vol}: {e}\n{}", self.d.log()));
-    }
-    async fn publish(
-        &self,
-        vol: &str,
-        staging: &Path,
-        target: &Path,
-        mode: Mode,
-    ) -> Result<(), tonic::Status> {
-        self.node()
-            .node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: vol.into(),
-                staging_target_path: staging.display().to_string(),
-                target_path: target.display().to_string(),
-                volume_capability: Some(cap(mode)),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-    }
-    async fn unpublish(&self, vol: &str, target: &Path) {
-        self.node()
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: vol.into(),
-                target_path: target.display().to_string(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("unpublish {vol}: {e}"));
-    }
-    async fn create(
-        &self,
-        name: &str,
-        bytes: i64,
-        params: &[(&str, &str)],
-        mode: Mode,
-    ) -> Result<csi::Volume, tonic::Status> {
-        self.ctl()
-            .create_volume(csi::CreateVolumeRequest {
-                name: name.into(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: bytes,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![cap(mode)],
-                parameters: params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner().volume.unwrap())
-    }
-    async fn delete(&self, name: &str) -> Result<(), tonic::Status> {
-        self.ctl()
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: name.into(),
-                secrets: HashMap::new(),
-            })
-            .await
-            .map(|_| ())
-    }
-}
-
-fn cap(mode: Mode) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-    }
-}
-
-fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) -> String {
-    let e = r.expect_err("expected a refusal");
-    assert_eq!(e.code(), code, "{e:?}");
-    assert!(
-        e.message().contains(needle),
-        "expected {needle:?} in: {}",
-        e.message()
-    );
-    e.message().to_string()
-}
+use fixtures::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn identity_and_capabilities_say_only_what_works() {
@@ -578,16 +421,6 @@ async fn one_writer_across_hosts_and_across_the_two_apis() {
     a.delete(&name).await.unwrap();
 }
 
-/// The mapper a daemon chose, from its log.
-fn mapper_of(h: &Host) -> String {
-    let log = h.d.log();
-    let at = log
-        .find("data path mapper=\"")
-        .expect("the daemon logs its mapper")
-        + 18;
-    log[at..].split('"').next().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn readers_are_read_only_and_share_where_the_mapper_allows() {
     let wait = [("RBDVOL_LOCK__TAKEOVER_WAIT", "3s")];
@@ -652,23 +485,6 @@ async fn readers_are_read_only_and_share_where_the_mapper_allows() {
         assert!(h.d.leftovers().is_empty(), "{:?}", h.d.leftovers());
     }
     a.delete(&name).await.unwrap();
-}
-
-/// `ceph auth get-or-create-key` for an RBD user of the test cluster.
-fn cephx_user(name: &str) -> String {
-    let out = std::process::Command::new("timeout")
-        .args(["-k", "5", "60", "ceph", "-c"])
-        .arg(ceph_conf())
-        .args(["auth", "get-or-create-key", &format!("client.{name}")])
-        .args(["mon", "profile rbd", "osd", "profile rbd"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
