@@ -242,6 +242,17 @@ fn clean_migration_takes_no_takeover() {
             "node {k} took a volume over in a clean migration:\n{logs}"
         );
     }
+    // How long the new node's Mounts took (for the report; a takeover would wait for
+    // the watch timeout).
+    let log = s.plugins[2].log();
+    let mounts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("endpoint=/VolumeDriver.Mount}") && l.contains("answered"))
+        .filter_map(|l| l.split("elapsed_ms=").nth(1))
+        .collect();
+    say(&format!(
+        "migration: the new node's Mounts took {mounts:?} ms"
+    ));
     let fenced = blocklist();
     assert!(
         !fenced.contains(&format!("{}:", s.nodes[1].addr)),

@@ -314,7 +314,8 @@ impl Swarm {
 
 impl Drop for Swarm {
     fn drop(&mut self) {
-        if !self.dead[0] {
+        // (No node at all if the first one failed to start.)
+        if self.dead.first() == Some(&false) {
             for s in std::mem::take(&mut self.services) {
                 let _ = self.manager().docker_within(&["service", "rm", &s], 30);
             }
