@@ -150,6 +150,21 @@ impl Host {
     }
 }
 
+/// A test that failed half-way leaves its staging and target mounts: unmount them (the
+/// innermost first) before the daemon's own teardown releases the devices.
+impl Drop for Host {
+    fn drop(&mut self) {
+        let mut left = mounts_under(self.scratch.path());
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .status();
+        }
+    }
+}
+
 pub fn cap(mode: Mode) -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_mode: Some(AccessMode { mode: mode as i32 }),
