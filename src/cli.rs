@@ -203,6 +203,10 @@ pub struct ServeArgs {
     /// HTTPS listener address (e.g. 0.0.0.0:7443); certificates come from the [tls] config.
     #[arg(long, value_name = "ADDR")]
     pub tls_listen: Option<String>,
+    /// Serve the CSI API (Swarm cluster volumes) on this endpoint, e.g.
+    /// unix:///run/docker/plugins/rbdvol/csi.sock.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub csi_endpoint: Option<String>,
     /// Mapper: auto, krbd, nbd or userspace.
     #[arg(long, value_name = "KIND")]
     pub mapper: Option<String>,
@@ -234,6 +238,11 @@ impl ServeArgs {
         add(self.mount_root.is_some(), "mount_root", "--mount-root");
         add(self.tls_listen.is_some(), "tls.listen", "--tls-listen");
         add(self.mapper.is_some(), "map.mapper", "--mapper");
+        add(
+            self.csi_endpoint.is_some(),
+            "csi.endpoint",
+            "--csi-endpoint",
+        );
         add(self.log_level.is_some(), "log.level", "--log-level");
         add(self.log_format.is_some(), "log.format", "--log-format");
         keys
@@ -258,6 +267,7 @@ impl ServeArgs {
         set!(self.mount_root, s.mount_root);
         set!(self.mapper, s.map.mapper);
         set!(self.tls_listen, s.tls.listen);
+        set!(self.csi_endpoint, s.csi.endpoint);
         set!(self.log_level, s.log.level);
         set!(self.log_format, s.log.format);
         if self.keyring.is_some() {

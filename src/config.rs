@@ -30,6 +30,15 @@ pub struct Settings {
     pub lock: LockSettings,
     pub tls: TlsSettings,
     pub metrics: MetricsSettings,
+    pub csi: CsiSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CsiSettings {
+    /// CSI endpoint (Swarm cluster volumes), e.g.
+    /// "unix:///run/docker/plugins/rbdvol/csi.sock"; empty: CSI is not served.
+    pub endpoint: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -208,6 +217,7 @@ impl Default for Settings {
             lock: LockSettings::default(),
             tls: TlsSettings::default(),
             metrics: MetricsSettings::default(),
+            csi: CsiSettings::default(),
         }
     }
 }

@@ -142,6 +142,10 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     // Bind first: a managed plugin must listen within ~9.5 s, before slow Ceph work.
     let listener = api::bind(&settings.socket).await?;
     let _remove_socket_on_exit = api::SocketGuard(settings.socket.clone());
+    let csi_listener = match settings.csi.endpoint.as_str() {
+        "" => None,
+        e => Some(api::csi::bind(e).await?),
+    };
 
     let cluster = Arc::new(Cluster::new(ceph::connect_spec(&settings.ceph)));
     let driver = Arc::new(backends(&settings, cluster.clone())?);
@@ -231,6 +235,14 @@ async fn serve(args: &ServeArgs) -> Result<()> {
             stopped(),
         )))
     };
+    let csi_server = csi_listener.map(|l| {
+        tokio::spawn(api::csi::serve(
+            l,
+            driver.clone(),
+            settings.ceph.clone(),
+            stopped(),
+        ))
+    });
     if let Some(tcp) = metrics_listener {
         tokio::spawn(rbdvol::metrics::serve(tcp, stopped()));
     }
@@ -241,6 +253,11 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let _ = unix_server.await;
     if let Some(t) = tls_server {
         let _ = t.await;
+    }
+    if let Some(t) = csi_server {
+        if let Ok(Err(e)) = t.await {
+            tracing::error!(error = %e, "the CSI server failed");
+        }
     }
     tracing::info!("stopped");
     Ok(())

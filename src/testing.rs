@@ -351,6 +351,17 @@ impl HostOps for FakeHost {
         Ok(())
     }
 
+    async fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+        self.failing("mount")?;
+        let mut s = lock(&self.state);
+        s.mounts.push(entry(source, target, "bind"));
+        s.mounted.push((
+            target.into(),
+            if read_only { "bind,ro" } else { "bind" }.into(),
+        ));
+        Ok(())
+    }
+
     async fn umount(&self, target: &Path) -> Result<()> {
         self.failing("umount")?;
         let mut s = lock(&self.state);
@@ -385,6 +396,10 @@ impl HostOps for FakeHost {
     }
 
     fn create_dir(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+
+    fn create_leaf_dir(&self, _dir: &Path) -> Result<()> {
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! limits (body size, header and body timeouts), per-request ids in the logs, and
 //! socket hygiene (mode 0660, stale socket replaced, removed on exit).
 
+pub mod csi;
 pub mod protocol;
 pub mod router;
 pub mod tls;

@@ -74,6 +74,11 @@ impl Controller {
         }
     }
 
+    /// The same controller on another connection (a user's own credentials).
+    pub fn with_cluster(&self, cluster: Arc<Remembering>) -> Controller {
+        Controller::new(self.cfg.clone(), cluster)
+    }
+
     /// Pools to search for `name`: where it was last seen first, then all.
     fn search_order(&self, name: &str) -> Vec<String> {
         let mut pools = self.cfg.pools.clone();

@@ -277,6 +277,18 @@ pub async fn mount(device: &Path, target: &Path, fstype: &str, options: &str) ->
     .map(|_| ())
 }
 
+/// Bind-mounts `source` on `target`, read-only when asked (util-linux applies the
+/// read-only remount of the bind itself).
+pub async fn bind_mount(source: &Path, target: &Path, read_only: bool) -> Result<()> {
+    use std::ffi::OsStr;
+    let mut args: Vec<&OsStr> = vec![OsStr::new("--bind")];
+    if read_only {
+        args.extend([OsStr::new("-o"), OsStr::new("ro")]);
+    }
+    args.extend([source.as_os_str(), target.as_os_str()]);
+    run_ok("mount", args, MOUNT_DEADLINE).await.map(|_| ())
+}
+
 pub async fn umount(target: &Path) -> Result<()> {
     let out = run("umount", [target], MOUNT_DEADLINE).await?;
     if out.success() {

@@ -23,6 +23,8 @@ pub trait HostOps: Send + Sync {
     /// Preen-mode check; refuses damage that needs a person.
     async fn preen(&self, fstype: &str, device: &Path) -> Result<()>;
     async fn mount(&self, device: &Path, target: &Path, fstype: &str, options: &str) -> Result<()>;
+    /// Bind-mounts `source` on `target` (read-only when asked).
+    async fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> Result<()>;
     /// Unmounts; not mounted counts as done, busy is an error.
     async fn umount(&self, target: &Path) -> Result<()>;
     /// Grows the mounted filesystem to fill its device (after a resize).
@@ -35,6 +37,9 @@ pub trait HostOps: Send + Sync {
     /// `mountpoint`, rbdvol's own mount point for it), stacked devices.
     fn device_users(&self, device: &Path, mountpoint: &Path) -> Vec<String>;
     fn create_dir(&self, dir: &Path) -> Result<()>;
+    /// Creates `dir` itself, never a parent (a path the CO hands over, where creating
+    /// its parents would hide the CO's mistake); an existing directory is fine.
+    fn create_leaf_dir(&self, dir: &Path) -> Result<()>;
     /// Removes an empty directory; failing to is harmless.
     fn remove_dir(&self, dir: &Path);
 
@@ -73,6 +78,10 @@ impl HostOps for RealHost {
         fs::mount(device, target, fstype, options).await
     }
 
+    async fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+        fs::bind_mount(source, target, read_only).await
+    }
+
     async fn umount(&self, target: &Path) -> Result<()> {
         fs::umount(target).await
     }
@@ -99,6 +108,20 @@ impl HostOps for RealHost {
     fn create_dir(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))
+    }
+
+    fn create_leaf_dir(&self, dir: &Path) -> Result<()> {
+        match std::fs::create_dir(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+            Err(e) => Err(Error::io(
+                format!(
+                    "creating {} (its parent must exist; rbdvol creates nothing above it)",
+                    dir.display()
+                ),
+                e,
+            )),
+        }
     }
 
     fn remove_dir(&self, dir: &Path) {

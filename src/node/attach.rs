@@ -166,13 +166,15 @@ impl Attacher {
         self.request(&v.pool, name, v.read_only, v.features)
     }
 
-    /// Maps, formats if provably blank, and mounts. On failure everything done so far
-    /// is undone and the error says what happened.
-    pub async fn attach(&self, facts: &ImageFacts) -> Result<ActiveVolume> {
+    /// Maps, formats if provably blank, and mounts; read-only when the volume says so
+    /// or `force_read_only` (a CSI reader on one of several nodes). On failure
+    /// everything done so far is undone and the error says what happened.
+    pub async fn attach(&self, facts: &ImageFacts, force_read_only: bool) -> Result<ActiveVolume> {
         let name = facts.name.as_str();
         // What reaches mkfs and mount as root is checked again here, from metadata that
         // anyone with write access to the pool could have changed since Create.
-        let stored = fsopts::check_stored(&facts.meta)?;
+        let mut stored = fsopts::check_stored(&facts.meta)?;
+        stored.read_only |= force_read_only;
         let read_only = stored.read_only;
         let mut req = self.request(&facts.pool, name, read_only, facts.stat.features);
         let mountpoint = self.mountpoint(&facts.pool, name);

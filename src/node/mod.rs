@@ -7,6 +7,7 @@
 
 pub mod attach;
 pub mod control;
+mod csi;
 mod mounts;
 mod orphans;
 pub mod reconcile;
@@ -69,6 +70,8 @@ pub struct Node {
     /// Volumes mounted on this host. Never held across an await.
     table: Mutex<RefTable>,
     locks: NameLocks,
+    /// Serialises CSI stage/publish of one volume (outside `locks`, which Mount takes).
+    csi_locks: NameLocks,
 }
 
 impl Node {
@@ -102,6 +105,7 @@ impl Node {
             attacher,
             table: Mutex::new(table),
             locks: NameLocks::default(),
+            csi_locks: NameLocks::default(),
         })
     }
 

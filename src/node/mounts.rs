@@ -89,6 +89,13 @@ impl Node {
     /// Mounts the volume for Docker mount `id`: map + format-if-blank + mount on the
     /// first reference, a counter increment after that.
     pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
+        self.mount_as(name, id, false).await
+    }
+
+    /// [`Node::mount`], read-only when `read_only` (a CSI reader): the mapping is then
+    /// read-only too. A read-write reference to a volume mounted read-only here is
+    /// refused: it would need another mapping.
+    pub async fn mount_as(&self, name: &str, id: &str, read_only: bool) -> Result<PathBuf> {
         names::validate(name)?;
         let lock = self.locks.get(name);
         let _serialised = lock.lock().await;
@@ -97,6 +104,12 @@ impl Node {
         if let Some(v) = self.active(name) {
             if v.fenced {
                 return Err(self.fenced_error(name));
+            }
+            if v.read_only && !read_only {
+                return Err(Error::InUse {
+                    name: name.to_string(),
+                    holder: format!("mounted read-only on this host ({}); a read-write use must wait until the readers here are gone", self.cfg.host_id),
+                });
             }
             match self.attacher.health(name, &v).await {
                 Health::Serving => {
@@ -138,7 +151,7 @@ impl Node {
             .describe(self.cfg.pools.clone(), name)
             .await?
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        let mut active = match self.attacher.attach(&facts).await {
+        let mut active = match self.attacher.attach(&facts, read_only).await {
             Ok(a) => a,
             Err(e) => {
                 let waited = self.cfg.takeover_wait;

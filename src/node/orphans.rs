@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use super::mounts::now_secs;
-use super::refs::ActiveVolume;
+use super::refs::{ActiveVolume, CSI_STAGE_REF};
 use super::Node;
 
 /// Inode of the initial PID namespace (`PROC_PID_INIT_INO`): only there are all of the
@@ -78,6 +78,11 @@ impl Node {
     /// Returns true if it was released.
     pub(super) async fn release_if_orphaned(&self, name: &str, v: &ActiveVolume) -> bool {
         if !self.cfg.sees_all_processes {
+            return false;
+        }
+        // A CSI stage is released by its NodeUnstage alone: between stage and publish
+        // nothing but rbdvol holds the filesystem, and that is no orphan.
+        if v.refs.keys().any(|id| id.starts_with(CSI_STAGE_REF)) {
             return false;
         }
         let grace = self.cfg.orphan_grace;

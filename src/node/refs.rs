@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::host::mapper::Mapping;
 
+/// Prefix of the reference a CSI NodeStage holds (followed by its staging path). Such
+/// a reference belongs to the CO, not to a container: see `orphans`.
+pub const CSI_STAGE_REF: &str = "csi-stage:";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdRef {
     pub count: u32,

@@ -193,3 +193,19 @@ async fn kernel_maps_leave_no_intent_behind() {
     assert!(w.node.mount("w", &id(1)).await.is_err());
     assert!(!w.node.attacher.intents.exists("rbd", "w"));
 }
+
+#[tokio::test]
+async fn a_csi_stage_is_never_released_as_an_orphan_only_by_unstage() {
+    let w = world();
+    let staging = Path::new("/csi/staged/v");
+    w.node.stage("v", staging, false).await.unwrap();
+    w.node.stage("v", staging, false).await.unwrap(); // repeated by the CO
+                                                      // Nothing but rbdvol holds it between stage and publish, for however long.
+    w.age("v", 6000);
+    w.node.release_orphans().await;
+    assert!(w.mapper.is_mapped("rbd", "v"));
+    assert_eq!(w.node.attached("v").unwrap().container_mounts, 1);
+    w.node.unstage("v", staging).await.unwrap();
+    w.node.unstage("v", staging).await.unwrap();
+    w.assert_released("v");
+}
