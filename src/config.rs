@@ -449,6 +449,20 @@ mod tests {
         assert!(err.contains("sockett"), "{err}");
     }
 
+    #[test]
+    fn map_ms_mode_takes_the_kernel_modes_or_auto() {
+        let mut s = Settings::default();
+        assert_eq!(s.map.ms_mode, "auto");
+        s.map.ms_mode = "secure".into();
+        s.validate().unwrap();
+        s.map.ms_mode = "v2".into();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("map.ms_mode") && err.contains("prefer-crc"),
+            "{err}"
+        );
+    }
+
     fn tls_listening() -> Settings {
         let mut s = Settings::default();
         s.tls.listen = "127.0.0.1:7443".into();

@@ -302,6 +302,8 @@ impl Guest {
         let script = format!(
             r#"mkdir -p /run/rbdvol/state /run/rbdvol/mounts
 : >/run/rbdvol/rbdvol.toml
+# A killed daemon's socket stays behind: wait for the new one, not for that.
+rm -f {sock}
 echo "=== start $(date -u +%T) mapper={mapper_arg}" >>/run/share/daemon.log
 env {vars} RUST_BACKTRACE=1 setsid {bin} serve --socket {sock} --ceph-conf /run/share/ceph/ceph.conf \
   --host-id {name} --state-dir /run/rbdvol/state --mount-root /run/rbdvol/mounts \
