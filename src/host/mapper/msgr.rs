@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 
 /// What the cluster says about its messengers: the monitors' addresses (from the
 /// monmap) and the client-side settings that decide whether encryption is required.
+/// The same facts as `crate::ceph::ops::Messenger`, restated so that the host layer
+/// does not depend on the ceph layer (the node layer hands them over).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Messenger {
     /// Some monitor listens on a v1 (legacy) address.
