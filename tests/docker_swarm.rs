@@ -112,6 +112,17 @@ fn takeover_marker_is_the_exporters_wording() {
 
 const WORKERS_ONLY: &[&str] = &["--constraint", "node.role==worker"];
 
+/// How long each Mount answered by this plugin took, in seconds, from its log: on the
+/// node that takes a volume over, rbdvol's share of a failover (the wait for the dead
+/// holder to be declared dead, the fencing, the map and the mount).
+fn mount_seconds(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("endpoint=/VolumeDriver.Mount}") && l.contains("answered"))
+        .filter_map(|l| l.split("elapsed_ms=").nth(1)?.trim().parse::<f64>().ok())
+        .map(|ms| ms / 1000.0)
+        .collect()
+}
+
 /// Kill the node running the task (every process in its cgroup): Swarm starts the task
 /// on the other worker, whose Mount takes the volume over from the dead holder
 /// (fencing it), and every acknowledged record is there.
@@ -256,14 +267,9 @@ fn clean_migration_takes_no_takeover() {
     }
     // How long the new node's Mounts took (for the report; a takeover would wait for
     // the holder's liveness or header watch to expire).
-    let log = s.plugins[2].log();
-    let mounts: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("endpoint=/VolumeDriver.Mount}") && l.contains("answered"))
-        .filter_map(|l| l.split("elapsed_ms=").nth(1))
-        .collect();
+    let mounts = mount_seconds(&s.plugins[2].log());
     say(&format!(
-        "migration: the new node's Mounts took {mounts:?} ms"
+        "migration: the new node's Mounts took {mounts:.2?} s"
     ));
     let fenced = blocklist();
     assert!(
@@ -360,8 +366,9 @@ fn swarm_trials() {
         s.remove_service("swt");
         let j = s.index_of(new.split('.').next().unwrap());
         check_volume(&s.read_log(j, &vol), &s.acks());
+        let mounts = mount_seconds(&s.plugin_logs(j));
         say(&format!(
-            "trial {}/{n} ({tuning:?}): kill to first new acknowledged write {t:.2}s",
+            "trial {}/{n} ({tuning:?}): kill to first new acknowledged write {t:.2}s; the new node's Mounts took {mounts:.2?} s",
             k + 1
         ));
         times.push(t);
